@@ -266,7 +266,7 @@ def make_batches(lengths, batch_tokens, seed=0, shuffle=True):
     batches, cur, size = [], [], 0
     for i in order:
         if lengths[i] > batch_tokens:
-            raise ValueError(f"an item of {lengths[i]} tokens exceeds --batch-tokens {batch_tokens}")
+            raise DataError(f"--batch-tokens {batch_tokens} is smaller than an item of {lengths[i]} tokens: raise it or lower --max-len")
         if cur and size + lengths[i] > batch_tokens:
             batches.append(cur)
             cur, size = [], 0
@@ -736,6 +736,12 @@ def setup_dist(cfg):
              "float32": torch.float32}[cfg.dtype]
     return rank, world, device, dtype
 
+def finish():
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
 def all_sum(values, device):
     import torch.distributed as dist
     t = torch.tensor(values, dtype=torch.float64, device=device)
@@ -827,6 +833,22 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
+@torch.no_grad()
+def evaluate(model, batches, fn, dist_info):
+    """Sum fn(model, batch) -> {stat: sum} over batches split across ranks. Every rank runs the same
+    number of forwards (FSDP's collectives need it): a rank short of batches repeats one, uncounted."""
+    rank, world, device = dist_info
+    model.eval()
+    acc = {}
+    for j in range(math.ceil(len(batches) / world)):
+        i = j * world + rank
+        with model.autocast:
+            stats = fn(model, batches[i % len(batches)])
+        for k, v in stats.items():
+            acc[k] = acc.get(k, 0.0) + (float(v) if i < len(batches) else 0.0)
+    keys = sorted(acc)
+    return dict(zip(keys, all_sum([acc[k] for k in keys], device)))
+
 def fit(cfg, model, plan, step_fn, eval_fn=None, dist_info=(0, 1, torch.device("cpu"))):
     """The training loop. plan: every micro-batch of the run in order (all epochs), each a dict with
     'count' (its share of the loss normalizer: target tokens, or pairs) and 'tokens'. A step takes the
@@ -868,7 +890,7 @@ def fit(cfg, model, plan, step_fn, eval_fn=None, dist_info=(0, 1, torch.device("
             with model.autocast:
                 loss_sum, stats = step_fn(model, mb)
             (loss_sum * world / denom).backward()
-            for k, v in ({"loss": float(loss_sum), "tokens": mb["tokens"]} | stats).items():
+            for k, v in ({"loss": float(loss_sum.detach()), "tokens": mb["tokens"]} | stats).items():
                 acc[k] = acc.get(k, 0.0) + float(v)
         acc["count"] = acc.get("count", 0.0) + denom / world
         lr = lr_at(cfg, step, total)
