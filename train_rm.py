@@ -1,0 +1,238 @@
+"""
+Reward model training (Xwin-RM) on judged preference pairs, with held-out evaluation.
+
+The policy architecture plus a scalar `score` head (zero-initialised on a policy checkpoint, so the
+first loss is exactly ln 2), trained with the ranking loss -log sigmoid(r_chosen - r_rejected - margin).
+Chosen and rejected go through one packed forward; each reward is read at its sequence's last token,
+the closing EOS of the last assistant turn.
+Evaluates on held-out pairs and saves an HF folder that transformers loads as
+LlamaForSequenceClassification, with the final reward mean/std in config.json for later stages.
+
+    python train_rm.py --model runs/sft --data pairs.jsonl --out runs/rm --eval-frac 0.05 --margin
+    torchrun --nproc_per_node 8 train_rm.py --model runs/sft --out runs/rm \\
+        --data HuggingFaceH4/ultrafeedback_binarized --split train_prefs
+"""
+import math, os, random
+from collections import Counter
+from dataclasses import dataclass
+import torch
+import torch.nn.functional as F
+import model as M
+
+# The margin by preference strength (--margin), on Llama-2's RM scale: the clearer the judge's preference,
+# the wider the gap between the two rewards before the loss lets go. annotate.py writes a number on this
+# scale (the mean degree of its two verdicts), which is the margin itself; words are read too. A tie carries no
+# preference, so tied pairs (and pairs the judge failed on) are skipped, with a count.
+MARGINS = {"much better": 3.0, "significantly better": 3.0, "better": 2.0, "slightly better": 1.0,
+           "negligibly better": 0.0}
+TIES = {"tie", "equal", "same", "unsure"}
+
+@dataclass
+class Config(M.TrainConfig):
+    epochs: int = 1  # passes over the data (RMs overfit after one)
+    lr: float = 1e-5  # peak learning rate
+    margin: bool = False  # subtract a margin by preference strength (MARGINS table) inside the loss
+    center_coef: float = 0.0  # reward centering: add center_coef * (r_chosen + r_rejected)^2 per pair (e.g. 0.01)
+    skip_bad: bool = False  # skip bad pairs (identical, missing or empty responses) with a count, instead of stopping
+
+# ----------------------------------------------------------------------------------------------------
+# Data: records -> pairs of full conversations (chosen, rejected) with a strength label and a margin
+
+def strength_of(s, where):
+    """-> (label for accuracy-by-strength, margin); label 'tie' for ties, 'none' when absent."""
+    if s is None:
+        return "none", 0.0
+    if isinstance(s, str):
+        key = " ".join(s.lower().replace("_", " ").split())
+        key = key[2:] if key[:2] in ("a ", "b ") else key  # "A much better": the seat is already resolved
+        try:
+            s = float(key)
+        except ValueError:
+            if key in TIES:
+                return "tie", 0.0
+            if key not in MARGINS:
+                raise M.DataError(f"{where}: unknown strength {s!r} "
+                                  f"(one of: {', '.join(MARGINS)}, tie, or a number)") from None
+            return key, MARGINS[key]
+    if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or s < 0:
+        raise M.DataError(f"{where}: bad strength {s!r} (a word or a number >= 0)")
+    return ("tie" if s == 0 else f"{s:g}"), float(s)
+
+def prompt_of(rec, where):
+    if "messages" in rec or "conversations" in rec:
+        return M.get_messages(rec, where, prompt=True)
+    p = rec.get("prompt")
+    if p is None:
+        raise M.DataError(f"{where}: missing 'messages' (the conversation the responses answer)")
+    p = [{"role": "user", "content": p}] if isinstance(p, str) else p
+    return M.get_messages({"messages": p}, where, prompt=True)
+
+def conversation(rec, side, where):
+    """The whole conversation ending with the `side` response. A string answers rec's messages (which end
+    with a user turn); a message list is the whole conversation (binarized hub sets), or only the reply
+    turns after rec's messages/prompt when it starts with the assistant (TRL's conversational format)."""
+    resp = rec.get(side)
+    if resp is None:
+        raise M.DataError(f"{where}: missing '{side}'")
+    if isinstance(resp, str):
+        resp = [{"role": "assistant", "content": resp}]
+    if not isinstance(resp, list) or not resp or not all(isinstance(m, dict) for m in resp):
+        raise M.DataError(f"{where}: '{side}' must be a string or a list of messages")
+    if resp[0].get("role") == "assistant":
+        resp = prompt_of(rec, where) + resp
+    try:
+        M.check_messages(resp)
+    except ValueError as e:
+        raise M.DataError(f"{where}: {side}: {e}") from None
+    if not resp[-1]["content"].strip():
+        raise M.DataError(f"{where}: empty {side} response")
+    return [{"role": m["role"], "content": m["content"]} for m in resp]
+
+def parse_pairs(records, skip_bad=False):
+    """-> pairs [{chosen, rejected, strength, margin}], and counts of what was skipped and why."""
+    pairs, skipped = [], Counter()
+    for where, rec in records:
+        judge = rec.get("judge") if isinstance(rec.get("judge"), dict) else {}
+        if rec.get("failed") or judge.get("failed") or rec.get("status") in ("failed", "inconsistent"):
+            skipped[f"judge {rec.get('status', 'failed')}"] += 1  # annotate.py's side file, if passed in
+            continue
+        try:
+            strength, margin = strength_of(rec.get("strength"), where)
+            scores_tie = "score_chosen" in rec and rec["score_chosen"] == rec.get("score_rejected")  # binarized sets
+            if strength == "tie" or rec.get("status") == "tie" or scores_tie:
+                skipped["tie"] += 1
+                continue
+            chosen, rejected = conversation(rec, "chosen", where), conversation(rec, "rejected", where)
+            if chosen == rejected:
+                raise M.DataError(f"{where}: chosen and rejected are identical")
+        except M.DataError as e:
+            if not skip_bad:
+                raise
+            skipped[str(e)[len(where) + 2:]] += 1  # the reason, without file:line
+            continue
+        pairs.append(dict(chosen=chosen, rejected=rejected, strength=strength, margin=margin))
+    return pairs, skipped
+
+def load_pairs(paths, split="train", skip_bad=False):
+    return parse_pairs(M.read_records(paths, split), skip_bad)
+
+def tokenize(pairs, tok, template, max_len):
+    """-> [(chosen ids, rejected ids)], each cut to max_len keeping the first token and the end (the reward
+    is read at the closing EOS; M.reward_scores cuts the same way), and the number of pairs cut."""
+    out, cut = [], 0
+    for p in pairs:
+        ids = [M.render(tok, p[k], template)[0] for k in ("chosen", "rejected")]
+        cut += any(len(x) > max_len for x in ids)
+        out.append(tuple(x if len(x) <= max_len else x[:1] + x[len(x) - max_len + 1:] for x in ids))
+    return out, cut
+
+def plan_batches(toks, batch_tokens, epochs, seed):
+    """Every micro-batch of the run, epoch after epoch in seeded orders; a pair never straddles two."""
+    lengths = [len(c) + len(r) for c, r in toks]
+    plan = []
+    for epoch in range(epochs):
+        for idx in M.make_batches(lengths, batch_tokens, seed + epoch):
+            plan.append({"idx": idx, "tokens": sum(lengths[i] for i in idx), "docs": 2 * len(idx), "count": len(idx)})
+    return plan
+
+# ----------------------------------------------------------------------------------------------------
+# Model: rewards of a micro-batch in one packed forward, and the loss
+
+def pair_rewards(model, toks, idx):
+    """(r_chosen, r_rejected) for pairs idx: all 2n sequences packed as chosen, rejected, chosen, ...;
+    the model reads each reward at its sequence's last token (cu_seqlens[1:] - 1)."""
+    ids, cu = M.pack([x for i in idx for x in toks[i]], model.model.embed_tokens.weight.device)
+    r = model(ids, cu_seqlens=cu).float()
+    return r[0::2], r[1::2]
+
+def rm_loss(rc, rr, margin, center_coef=0.0):
+    """Per-pair loss: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2."""
+    return -F.logsigmoid(rc - rr - margin) + center_coef * (rc + rr) ** 2
+
+def make_eval(pairs, toks, cfg, dist_info):
+    """eval_fn(model) -> loss, accuracy (r_c > r_r) overall and by strength, reward means and std."""
+    margins = [p["margin"] if cfg.margin else 0.0 for p in pairs]
+    batches = [b["idx"] for b in plan_batches(toks, cfg.batch_tokens, 1, 0)]
+    labels = sorted({p["strength"] for p in pairs})
+
+    def sums(model, idx):
+        rc, rr = pair_rewards(model, toks, idx)
+        win = (rc > rr).tolist()
+        margin = torch.tensor([margins[i] for i in idx], device=rc.device)
+        s = {"loss": rm_loss(rc, rr, margin, cfg.center_coef).sum(), "n": len(idx), "win": sum(win),
+             "rc": rc.sum(), "rr": rr.sum(), "r2": (rc ** 2 + rr ** 2).sum()}
+        s |= {f"{k} {l}": 0 for l in labels for k in ("n", "win")}  # every rank sums the same keys
+        for i, w in zip(idx, win):
+            s[f"n {pairs[i]['strength']}"] += 1
+            s[f"win {pairs[i]['strength']}"] += w
+        return s
+
+    def eval_fn(model):
+        s = M.evaluate(model, batches, sums, dist_info)
+        n, mean = s["n"], (s["rc"] + s["rr"]) / (2 * s["n"])
+        out = {"loss": s["loss"] / n, "accuracy": s["win"] / n, "reward_chosen": s["rc"] / n,
+               "reward_rejected": s["rr"] / n, "reward_mean": mean,
+               "reward_std": math.sqrt(max(0.0, s["r2"] / (2 * n) - mean ** 2))}
+        return out | {f"accuracy_{l.replace(' ', '_')}": s[f"win {l}"] / s[f"n {l}"] for l in labels if len(labels) > 1}
+    return eval_fn
+
+# ----------------------------------------------------------------------------------------------------
+
+def train(cfg, pairs, eval_pairs=None):
+    model, tok, template, dist_info = M.prepare_model(cfg, reward=True)
+    rank, device = dist_info[0], dist_info[2]
+    log = print if rank == 0 else (lambda *a, **k: None)
+    log(f"config: {cfg}")
+    if cfg.eval_frac and not eval_pairs:
+        pairs = pairs[:]
+        random.Random(cfg.seed).shuffle(pairs)
+        k = max(1, int(len(pairs) * cfg.eval_frac))
+        pairs, eval_pairs = pairs[k:], pairs[:k]
+    toks, cut = tokenize(pairs, tok, template, cfg.max_len)
+    strengths = ", ".join(f"{n} {s}" for s, n in sorted(Counter(p["strength"] for p in pairs).items()))
+    log(f"data: {len(toks)} pairs, {sum(len(c) + len(r) for c, r in toks)} tokens, template {template}, "
+        f"{cut} cut to --max-len {cfg.max_len}; strengths: {strengths}; held out: {len(eval_pairs or [])} pairs")
+    margins = torch.tensor([p["margin"] if cfg.margin else 0.0 for p in pairs], device=device)
+    plan = plan_batches(toks, cfg.batch_tokens, cfg.epochs, cfg.seed)
+
+    def step_fn(model, mb):
+        rc, rr = pair_rewards(model, toks, mb["idx"])
+        loss = rm_loss(rc, rr, margins[mb["idx"]], cfg.center_coef).sum()
+        rc, rr = rc.detach(), rr.detach()
+        return loss, {"accuracy": (rc > rr).sum(), "reward_chosen": rc.sum(), "reward_rejected": rr.sum(),
+                      "margin": (rc - rr).sum()}
+
+    eval_fn = None
+    if eval_pairs:
+        eval_fn = make_eval(eval_pairs, tokenize(eval_pairs, tok, template, cfg.max_len)[0], cfg, dist_info)
+    M.fit(cfg, model, plan, step_fn, eval_fn, dist_info)
+    # The reward statistics later stages normalize with: on the held-out pairs, else on the training pairs
+    final = (eval_fn or make_eval(pairs, toks, cfg, dist_info))(model)
+    log(f"{'eval' if eval_fn else 'train'} (final): " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    sd = M.full_state_dict(model)
+    if rank == 0:
+        dtype = M.setup_dist(cfg)[3]
+        M.save_checkpoint(cfg.out, {k: v.to(dtype) for k, v in sd.items()}, model.cfg, tok, template,
+                          extra={"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]})
+        print(f"saved {cfg.out} (score with: python sample.py --reward-model {cfg.out} ...)")
+    return model, final
+
+def run():
+    cfg = M.parse_config(Config)
+    if not cfg.data:
+        raise SystemExit("error: --data is required (JSONL preference pairs or a dataset name)")
+    pairs, skipped = load_pairs(cfg.data, cfg.split, cfg.skip_bad)
+    eval_pairs, eval_skipped = None, Counter()
+    if cfg.eval_data:
+        eval_pairs, eval_skipped = load_pairs([cfg.eval_data], cfg.split, cfg.skip_bad)
+    if int(os.environ.get("RANK", 0)) == 0:
+        for name, counts in (("data", skipped), ("eval data", eval_skipped)):
+            if counts:
+                print(f"{name}: skipped " + ", ".join(f"{n} ({why})" for why, n in counts.most_common()))
+    if not pairs:
+        raise M.DataError(f"{cfg.data[0]}:0: no usable preference pairs")
+    train(cfg, pairs, eval_pairs)
+    M.finish()
+
+if __name__ == "__main__":
+    M.main(run)
