@@ -1,0 +1,242 @@
+import json, math, os, re, statistics, subprocess, sys, threading, time
+from collections import defaultdict
+from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+import pytest
+from conftest import M, ROOT, make_checkpoint, run_script, write_jsonl
+import annotate as A
+
+KEY = "sk-test-SECRET-0123456789abcdef"
+
+class Judge:
+    """A scripted OpenAI-compatible judge on 127.0.0.1. Each pair's responses carry markers (ans-ID-a,
+    ans-ID-b); the reply shown first picks the script: script[(ID, "a" | "b")] is a list of actions
+    consumed one per request (the last one repeats): ("ok", text), ("429", retry_after), ("500",),
+    ("400",), ("sleep", seconds) (answers after the client gave up). Bad keys get a 401 echoing the key."""
+    def __init__(self, script, delay=0.0):
+        self.script, self.delay, self.log, self.lock = script, delay, [], threading.Lock()
+        self.used = defaultdict(int)
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def reply(self, code, obj, headers=()):
+                body = json.dumps(obj).encode()
+                self.send_response(code)
+                for k, v in headers:
+                    self.send_header(k, v)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except OSError:
+                    pass
+
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.headers.get("Authorization") != f"Bearer {KEY}":
+                    key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    return self.reply(401, {"error": {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}})
+                pid, first = re.search(r"ans-(\w+)-([ab])", req["messages"][1]["content"]).groups()
+                with judge.lock:
+                    acts = judge.script[(pid, first)]
+                    act = acts[min(judge.used[(pid, first)], len(acts) - 1)]
+                    judge.used[(pid, first)] += 1
+                    judge.log.append((pid, first, act[0], time.time(), len(req["messages"])))
+                time.sleep(judge.delay)
+                if act[0] == "429":
+                    return self.reply(429, {"error": {"message": "slow down", "type": "rate_limit"}}, [("Retry-After", str(act[1]))])
+                if act[0] in ("500", "400"):
+                    return self.reply(int(act[0]), {"error": {"message": "scripted", "type": "x"}})
+                if act[0] == "sleep":
+                    time.sleep(act[1])
+                self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": act[-1]}, "finish_reason": "stop"}],
+                                 "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}})
+
+            def log_message(self, *a):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+def ok(label, why="Both are fine."):
+    return ("ok", f"{why}\nVerdict: [[{label}]]")
+
+def pair(pid, same=False):
+    return {"id": pid, "messages": [{"role": "user", "content": f"question {pid}"}, {"role": "assistant", "content": "an earlier answer"},
+                                    {"role": "user", "content": "and now?"}],
+            "responses": [f"answer ans-{pid}-a", {"content": f"answer ans-{pid}-{'a' if same else 'b'}"}]}
+
+def read(path):
+    return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+
+def run_annotate(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["annotate.py", *args])
+    A.run()
+
+def test_scripted_judge_retries_failures_and_swap_combination(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    script = {
+        ("p1", "a"): [ok("A better")], ("p1", "b"): [ok("B better")],                             # A, 2
+        ("p2", "a"): [("429", 1), ok("B much better")], ("p2", "b"): [ok("A slightly better")],   # B, 2
+        ("p3", "a"): [ok("A better")], ("p3", "b"): [ok("A better")],                             # inconsistent -> tie
+        ("p4", "a"): [ok("tie")], ("p4", "b"): [ok("tie")],                                       # tie
+        ("p5", "a"): [("500",), ("500",), ok("A much better")], ("p5", "b"): [ok("B much better")],  # A, 3
+        ("p6", "a"): [("sleep", 3), ok("A slightly better")], ("p6", "b"): [ok("B slightly better")],  # timeout, A, 1
+        ("p7", "a"): [("ok", "I prefer B."), ok("B better")], ("p7", "b"): [ok("A better")],     # reminder, B, 2
+        ("p8", "a"): [("ok", "no idea"), ("ok", "still no idea")],                               # failed, raw kept
+        ("p9", "a"): [("500",)],                                                                  # failed: attempts
+        ("p10", "a"): [("400",)],                                                                 # failed: no retry
+    }
+    judge = Judge(script)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [pair(f"p{i}") for i in range(1, 11)] + [pair("p11", same=True)])
+    out = str(tmp_path / "xp.jsonl")
+    args = ["--data", data, "--out", out, "--base-url", judge.url, "--judge-model", "judge-x", "--workers", "4",
+            "--max-attempts", "3", "--backoff", "0.01", "--timeout", "1", "--price-in", "2.5", "--price-out", "10"]
+    try:
+        run_annotate(monkeypatch, *args)
+        main, other = read(out), read(A.other_path(out))
+        got = {r["id"]: (r["judge"]["winner"], r["strength"], r["chosen"][-4:]) for r in main}
+        assert got == {"p1": ("A", 2.0, "p1-a"), "p2": ("B", 2.0, "p2-b"), "p5": ("A", 3.0, "p5-a"),
+                       "p6": ("A", 1.0, "p6-a"), "p7": ("B", 2.0, "p7-b")}
+        assert all(r["rejected"] != r["chosen"] and r["judge"]["model"] == "judge-x" and len(r["judge"]["rationales"]) == 2
+                   and r["messages"][-1]["content"] == "and now?" for r in main)
+        assert main[[r["id"] for r in main].index("p7")]["judge"]["rationales"][0].startswith("I prefer B.")
+        status = {r["id"]: r["status"] for r in other}
+        assert status == {"p3": "tie", "p4": "tie", "p8": "failed", "p9": "failed", "p10": "failed", "p11": "tie"}
+        assert len(other) == 6 and len(main) == 5  # every pair exactly once
+        p3 = next(r for r in other if r["id"] == "p3")
+        assert p3["judge"]["consistent"] is False and p3["judge"]["verdicts"] == ["A better", "A better"]
+        assert "still no idea" in next(r for r in other if r["id"] == "p8")["error"]
+        calls = defaultdict(list)
+        for pid, first, act, t, n_msgs in judge.log:
+            calls[(pid, first)].append((act, t, n_msgs))
+        assert len(calls[("p9", "a")]) == 3 and len(calls[("p10", "a")]) == 1 and not calls[("p11", "a")]
+        assert [n for _, _, n in calls[("p8", "a")]] == [2, 4] and not calls[("p8", "b")]  # one reminder, then failed
+        assert calls[("p2", "a")][1][1] - calls[("p2", "a")][0][1] >= 1.0  # Retry-After honoured over the tiny backoff
+        assert len(calls[("p6", "a")]) == 2  # the request that timed out was retried
+        err = capsys.readouterr().err
+        n_ok = sum(1 for _, _, act, _, _ in judge.log if act == "ok")  # a timed-out reply is never read
+        assert f"{n_ok * 100} prompt + {n_ok * 10} completion tokens" in err
+        assert f"estimated cost ${(n_ok * 100 * 2.5 + n_ok * 10 * 10) / 1e6:.4f}" in err
+
+        n_before = len(judge.log)  # a rerun judges nothing; --retry-failed only the failed ones
+        run_annotate(monkeypatch, *args)
+        assert len(judge.log) == n_before and len(read(out)) == 5 and len(read(A.other_path(out))) == 6
+        script[("p10", "a")], script[("p10", "b")] = [ok("A better")], [ok("B better")]
+        run_annotate(monkeypatch, *args, "--retry-failed")
+        assert {r["id"] for r in read(out)} == {"p1", "p2", "p5", "p6", "p7", "p10"} and len(read(out)) == 6
+        assert sorted(r["id"] for r in read(A.other_path(out))) == ["p11", "p3", "p4", "p8", "p9"]
+        assert {p for p, *_ in judge.log[n_before:]} == {"p8", "p9", "p10"}
+    finally:
+        judge.close()
+
+def test_parse_and_combine():
+    assert A.parse_verdict("blah\n**Verdict:** [[B  Much better]]") == -3
+    assert A.parse_verdict("Verdict: [[A better]] ... no wait.\nVerdict: [[tie]]") == 0
+    assert A.parse_verdict("Verdict: [[C better]]") is None and A.parse_verdict("A is better") is None
+    assert A.parse_verdict("Verdict: [[A much better]] or [[A better]] or [[tie]]") is None  # the format, echoed
+    assert A.combine(2, 1) == ("judged", "A", 1.5)
+    assert A.combine(-3, -1) == ("judged", "B", 2.0)
+    assert A.combine(0, 0) == ("tie", "tie", 0.0)
+    assert A.combine(2, -1) == ("tie", "tie", 0.0) and A.combine(1, 0) == ("tie", "tie", 0.0)
+    assert A.combine(2, -1, "drop") == ("inconsistent", None, 0.0)
+    msgs = A.judge_messages([{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                             {"role": "assistant", "content": "R1"}, {"role": "user", "content": "Q2"}], "first one", "second one")
+    text = msgs[1]["content"]
+    assert all(s in text for s in ("[System]\nS", "[User]\nQ1", "[Assistant]\nR1", "[User]\nQ2"))
+    assert text.index("first one") < text.index("second one") and "[[A much better]]" in text
+
+def test_report_win_rate_and_standard_error(tmp_path, monkeypatch, capsys):
+    def judged(i, winner, consistent=True):
+        return {"id": f"j{i}", "messages": [], "chosen": "c", "rejected": "r", "strength": 2.0,
+                "judge": {"winner": winner, "consistent": consistent}}
+    out = tmp_path / "judged.jsonl"
+    write_jsonl(out, [judged(i, "B") for i in range(6)] + [judged(6, "A"), judged(7, "A")])
+    write_jsonl(A.other_path(str(out)), [
+        {"id": "t1", "status": "tie", "judge": {"winner": "tie", "consistent": True}},
+        {"id": "t2", "status": "tie", "judge": {"winner": "tie", "consistent": False}},
+        {"id": "d1", "status": "inconsistent", "judge": {"winner": None, "consistent": False}},
+        {"id": "f1", "status": "failed", "error": "x"}])
+    x = [1.0] * 6 + [0.0] * 2 + [0.5] * 2
+    r = A.report(str(out))
+    assert r["n"] == 10 and r["win_rate"] == pytest.approx(70.0)
+    assert r["standard_error"] == pytest.approx(100 * statistics.stdev(x) / math.sqrt(10))
+    assert r["swap_consistency"] == pytest.approx(100 * 9 / 11)
+    assert (r["ties"], r["inconsistent_dropped"], r["failed"]) == (2, 1, 1)
+    run_annotate(monkeypatch, "--report", str(out))
+    assert f"70.00% ± {100 * statistics.stdev(x) / math.sqrt(10):.2f}" in capsys.readouterr().out
+
+def test_two_files_matched_by_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    judge = Judge({("q1", "a"): [ok("A better")], ("q1", "b"): [ok("B better")],
+                   ("q2", "a"): [ok("B better")], ("q2", "b"): [ok("A better")]})
+    msgs = lambda q: [{"role": "user", "content": f"prompt {q}"}]
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": q, "messages": msgs(q), "responses": [{"content": f"ans-{q}-a"}]} for q in ("q1", "q2", "q3")])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": q, "messages": msgs(q), "responses": [f"ans-{q}-b"]} for q in ("q2", "q1")])
+    try:
+        run_annotate(monkeypatch, "--a", a, "--b", b, "--out", str(tmp_path / "ab.jsonl"), "--base-url", judge.url, "--backoff", "0.01")
+    finally:
+        judge.close()
+    assert A.report(str(tmp_path / "ab.jsonl"))["win_rate"] == pytest.approx(50.0)
+    assert {r["id"]: r["chosen"] for r in read(tmp_path / "ab.jsonl")} == {"q1": "ans-q1-a", "q2": "ans-q2-b"}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"id": "x", "messages": msgs("x"), "responses": ["only one"]}])
+    p = run_script("annotate.py", "--data", bad, "--out", str(tmp_path / "o.jsonl"), check=False)
+    assert p.returncode == 2 and f"{bad}:1: 'responses' must list two responses" in p.stderr and "Traceback" not in p.stderr
+
+def test_kill_and_resume_without_duplicates_and_key_never_leaks(tmp_path):
+    script = {(f"k{i}", s): [ok("A better" if s == "a" else "B better", f"reason {i}")] for i in range(14) for s in "ab"}
+    judge = Judge(script, delay=0.2)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [pair(f"k{i}") for i in range(14)])
+    out = tmp_path / "xp.jsonl"
+    args = [sys.executable, "annotate.py", "--data", data, "--out", str(out), "--base-url", judge.url, "--workers", "2"]
+    env = dict(os.environ, OPENAI_API_KEY=KEY, OMP_NUM_THREADS="1")
+    try:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while len(read(out)) < 4 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.kill()
+        first_out, first_err = proc.communicate()
+        first = [r["id"] for r in read(out)]
+        assert 4 <= len(first) < 14, first_err
+        n_first = len(judge.log)
+        p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        ids = [r["id"] for r in read(out)]
+        assert sorted(ids) == sorted(f"k{i}" for i in range(14)) and not read(A.other_path(str(out)))
+        assert not {pid for pid, *_ in judge.log[n_first:]} & set(first)  # finished pairs are never asked again
+        bad = subprocess.run(args[:-4] + ["--out", str(tmp_path / "x.jsonl"), "--base-url", judge.url],
+                             cwd=ROOT, env=dict(env, OPENAI_API_KEY=KEY + "-wrong"), capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1 and "HTTP 401" in bad.stderr  # the server echoed the key; we must not
+    finally:
+        judge.close()
+    texts = [first_out, first_err, p.stdout, p.stderr, bad.stdout, bad.stderr] + \
+            [open(f).read() for f in tmp_path.iterdir() if f.is_file()]
+    assert not any(KEY in t for t in texts)
+
+def test_against_chat_serve(tmp_path, monkeypatch, bpe_tokenizer):
+    from test_chat import start_server
+    path = make_checkpoint(tmp_path / "tiny", bpe_tokenizer, "chatml", tie_word_embeddings=True, max_position_embeddings=4096)
+    proc, url, _ = start_server(path)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # a local server: a dummy key is used
+    data = write_jsonl(tmp_path / "pairs.jsonl", [pair(f"s{i}") for i in range(3)])
+    out = str(tmp_path / "xp.jsonl")
+    try:
+        run_annotate(monkeypatch, "--data", data, "--out", out, "--base-url", url, "--judge-model", "tiny",
+                     "--max-tokens", "8", "--workers", "2", "--backoff", "0.01")
+    finally:
+        proc.kill()
+        proc.wait()
+    recs = read(out) + read(A.other_path(out))
+    assert sorted(r["id"] for r in recs) == ["s0", "s1", "s2"]  # garbage verdicts, but every pair accounted for
+    assert all(r.get("status") in (None, "tie", "inconsistent", "failed") for r in recs)
+    assert not any("HTTP" in r.get("error", "") for r in recs)  # the server answered every request

