@@ -5,7 +5,7 @@ checkpoint load/save in the HF layout, chat templates with loss masks, JSONL I/O
 the distributed training engine (FSDP2, AdamW, warmup + cosine, resumable state) the stages share.
 Every stage script imports from here; no stage imports another stage (rejection_sft.py -> sft.py aside).
 """
-import argparse, dataclasses, glob, inspect, json, math, os, random, re, resource, sys, time
+import argparse, dataclasses, glob, inspect, json, math, os, random, re, resource, shutil, sys, time
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
@@ -108,28 +108,53 @@ def attention(q, k, v, cu_seqlens, max_seqlen):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return o.transpose(1, 2).reshape(-1, *o.shape[1:2], o.shape[-1])
     out = []  # one SDPA per document: exact block-diagonal attention with no compute spent on the mask
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        qi, ki, vi = (t[a:b].transpose(0, 1) for t in (q, k, v))
-        out.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa).transpose(0, 1))
+    for a, b in zip(bounds[:-1], bounds[1:]):  # 4-D [1, H, t, D]: CPU's flash kernel (GQA too) takes only 4-D, else math
+        qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)[0].transpose(0, 1))
     return torch.cat(out)
 
 class KVCache:
     """Static, preallocated (gpt-fast style). Each row has its own length, so prompts of different
-    lengths need no padding; rows can be copied (prefix sharing) and dropped (finished samples)."""
-    def __init__(self, cfg, batch, max_len, device, dtype):
+    lengths need no padding; rows can be copied and dropped (finished samples). With `prefix` (a
+    KVCache holding one row per prompt) row b first attends to prefix row prompt[b]: the n samples of
+    a prompt then read its keys once per step instead of n times (cascade attention, as in Hydragen)."""
+    def __init__(self, cfg, batch, max_len, device, dtype, prefix=None, prompt=None):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.used = 0  # max of lengths, kept on the host so attention needs no device sync
+        self.prefix, self.prompt = prefix, prompt
+        if prefix is not None:
+            self._grid()
+
+    def _grid(self):  # row b sits at (prompt[b], slot[b]) of a [prompts, width] grid; rows are grouped by prompt
+        counts = torch.bincount(self.prompt, minlength=self.prefix.k.shape[1])
+        self.slot = torch.arange(len(self.prompt), device=self.prompt.device) - (counts.cumsum(0) - counts)[self.prompt]
+        self.width = int(counts.max())
+
+    def positions(self, t):
+        pos = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
+        return pos if self.prefix is None else pos + self.prefix.lengths[self.prompt][:, None]
 
     def copy_from(self, rows, other, src=0):  # rows of self <- row src of other (a prefilled prompt)
         n = int(other.lengths[src])
         self.k[:, rows, :, :n] = other.k[:, src:src + 1, :, :n]
         self.v[:, rows, :, :n] = other.v[:, src:src + 1, :, :n]
         self.lengths[rows] = n
+        self.used = max(self.used, n)
 
-    def keep(self, rows):  # drop the other rows; copies the cache, so done only now and then
-        self.k, self.v, self.lengths = self.k[:, rows], self.v[:, rows], self.lengths[rows]
+    def keep(self, rows):
+        """Keep only these rows (ascending), compacted in place: copies just the filled part of the cache."""
+        m, S = len(rows), self.used
+        self.k[:, :m, :, :S] = self.k[:, rows, :, :S]
+        self.v[:, :m, :, :S] = self.v[:, rows, :, :S]
+        self.k, self.v, self.lengths = self.k[:, :m], self.v[:, :m], self.lengths[rows]
+        if self.prefix is not None:  # prompts whose samples are all done leave too
+            live, self.prompt = torch.unique(self.prompt[rows], return_inverse=True)
+            if len(live) < self.prefix.k.shape[1]:
+                self.prefix.keep(live)
+            self._grid()
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -152,11 +177,37 @@ class Attention(nn.Module):
         rows = torch.arange(B, device=x.device)[:, None]
         cache.k[layer][rows, :, pos] = k
         cache.v[layer][rows, :, pos] = v
-        S = int(pos.max()) + 1
+        S = cache.used + t
         mask = torch.arange(S, device=x.device) <= pos[:, :, None]  # [B, t, S]: own past only
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer][:, :, :S], cache.v[layer][:, :, :S],
-                                           attn_mask=mask[:, None], enable_gqa=self.nh != self.nkv)
-        return self.o_proj(o.transpose(1, 2).reshape(B, t, -1))
+        if cache.prefix is not None:
+            o = cascade_attention(q, cache, layer, S, mask)
+        else:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer][:, :, :S], cache.v[layer][:, :, :S],
+                                               attn_mask=mask[:, None], enable_gqa=self.nh != self.nkv).transpose(1, 2)
+        return self.o_proj(o.reshape(B, t, -1))
+
+def cascade_attention(q, cache, layer, S, mask):
+    """Attention of q [B, t, Hq, D] over the shared prompt keys (cache.prefix) then each row's own keys
+    (mask [B, t, S]), in one softmax. Each prompt's keys meet the queries of all its rows in one matmul:
+    the rows are scattered into a [prompts, width] grid for it. Scores in the cache dtype, softmax in
+    fp32 (as HF's eager attention). Query head h uses key head h // (Hq / Hkv), as HF's repeat_kv."""
+    B, t, Hq, D = q.shape
+    pre, P, Sp = cache.prefix, cache.prefix.k.shape[1], cache.prefix.used
+    pk, pv, k, v = pre.k[layer][:, :, :Sp], pre.v[layer][:, :, :Sp], cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
+    Hkv = k.shape[1]
+    G = Hq // Hkv * t
+    q = (q * D ** -0.5).transpose(1, 2).reshape(B, Hkv, G, D)
+    grid = q.new_zeros(P, Hkv, cache.width, G, D)
+    grid[cache.prompt, :, cache.slot] = q
+    s_pre = (grid.view(P, Hkv, -1, D) @ pk.transpose(-1, -2)).view(P, Hkv, cache.width, G, Sp)[cache.prompt, :, cache.slot]
+    seen = torch.cat([(torch.arange(Sp, device=q.device) < pre.lengths[cache.prompt][:, None])[:, None, None].expand(B, 1, G, Sp),
+                      mask[:, None, None].expand(B, 1, G // t, t, S).reshape(B, 1, G, S)], -1)
+    p = torch.cat([s_pre, q @ k.transpose(-1, -2)], -1).float().masked_fill(~seen, float("-inf")).softmax(-1).to(q.dtype)
+    o = p[..., Sp:] @ v
+    grid = p.new_zeros(P, Hkv, cache.width, G, Sp)
+    grid[cache.prompt, :, cache.slot] = p[..., :Sp]
+    o = o + (grid.view(P, Hkv, -1, Sp) @ pv).view(P, Hkv, cache.width, G, D)[cache.prompt, :, cache.slot]
+    return o.view(B, Hq, t, D).transpose(1, 2)
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -211,7 +262,7 @@ class Llama(nn.Module):
             cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=input_ids.device)
             input_ids = input_ids.reshape(-1)
         if cache is not None:
-            position_ids = cache.lengths[:, None] + torch.arange(input_ids.shape[1], device=input_ids.device)
+            position_ids = cache.positions(input_ids.shape[1])
         elif position_ids is None:
             position_ids = positions_from_cu(cu_seqlens)
         max_seqlen = 0 if cu_seqlens is None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
@@ -225,6 +276,7 @@ class Llama(nn.Module):
         x = self.model.norm(x)
         if cache is not None:
             cache.lengths += input_ids.shape[1]
+            cache.used += input_ids.shape[1]
         if self.reward:
             idx = cu_seqlens[1:].long() - 1 if last is None else last
             return self.score(x[idx]).squeeze(-1).float()
@@ -235,16 +287,19 @@ class Llama(nn.Module):
         return F.linear(x, self.head_weight())
 
 def _logprobs(h, w, t):
-    logits = F.linear(h, w).float()
-    return -F.cross_entropy(logits, t.clamp(min=0), reduction="none") * (t >= 0)
+    return -F.cross_entropy(F.linear(h, w).float(), t, reduction="none")
 
 def chunked_logprobs(h, w, targets, chunk=1024):
     # The [T, vocab] fp32 logits are the largest activation of a small model; computing them a chunk
     # at a time, recomputed in backward, keeps peak memory flat (what TRL/Liger call chunked CE).
-    if h.shape[0] <= chunk or not torch.is_grad_enabled():
-        return torch.cat([_logprobs(h[i:i + chunk], w, targets[i:i + chunk]) for i in range(0, h.shape[0], chunk)])
-    return torch.cat([checkpoint(_logprobs, h[i:i + chunk], w, targets[i:i + chunk], use_reentrant=False)
-                      for i in range(0, h.shape[0], chunk)])
+    # Only positions with a target get logits: prompt and user tokens cost no head matmul, no softmax.
+    keep = (targets.reshape(-1) >= 0).nonzero().squeeze(1)
+    h, t = h[keep], targets.reshape(-1)[keep]
+    ckpt = h.shape[0] > chunk and torch.is_grad_enabled()
+    lp = torch.cat([checkpoint(_logprobs, h[i:i + chunk], w, t[i:i + chunk], use_reentrant=False) if ckpt
+                    else _logprobs(h[i:i + chunk], w, t[i:i + chunk])
+                    for i in range(0, max(1, h.shape[0]), chunk)])  # an empty chunk keeps the graph when no target
+    return lp.new_zeros(targets.numel()).index_copy(0, keep, lp).view(targets.shape)
 
 def positions_from_cu(cu_seqlens):
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
@@ -292,26 +347,42 @@ def reward_scores(model, tok, template, conversations, batch_tokens=16384, max_l
 # ----------------------------------------------------------------------------------------------------
 # Generation: batched, n samples per prompt sharing the prompt's prefill, finished rows leave the batch
 
-def sample_next(logits, temperature, top_p, top_k, generator=None):
+def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
+    """One token per row: argmax at temperature 0, else top-k then top-p (the smallest set of the most
+    likely tokens whose mass reaches top_p) filtering and inverse-CDF sampling with one uniform draw per
+    row (u [B], from generator when not given). torch.multinomial would draw one exponential per vocab
+    entry, which costs more than the whole model step on CPU; a full sort for top-p costs more still."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest set whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.to(torch.float32, copy=True).div_(temperature)  # in place from here: [B, vocab] is large
+    V = probs.shape[-1]
+    if top_k and top_k < V:
+        probs.masked_fill_(probs < probs.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
+    probs = probs.sub_(probs.amax(-1, keepdim=True)).exp_()  # unnormalized
+    if top_p < 1.0:  # the nucleus is nearly always among the first few dozen tokens: look there first
+        total, k = probs.sum(-1, keepdim=True), min(V, 32)
+        while True:
+            top = probs.topk(k, dim=-1).values
+            before = (top.cumsum(-1) - top) / total  # the mass of the more likely tokens
+            if k == V or bool((before[:, -1] >= top_p).all()):
+                break
+            k = min(V, 8 * k)
+        probs.masked_fill_(probs < top.gather(-1, (before < top_p).sum(-1, keepdim=True) - 1), 0)
+    cdf = probs.cumsum_(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(len(cdf), generator=generator, device=cdf.device) if u is None else u
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total: never past the end
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)  # first index whose cdf exceeds x: never a 0-mass token
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0, top_k=0, eos_ids=(),
              stop=(), tokenizer=None, on_token=None, generator=None, max_len=None):
     """prompts: list of token-id lists. Returns, per prompt, n dicts {ids, finish_reason} with
     finish_reason 'eos', 'stop' (a stop string; ids end with it) or 'length'.
-    on_token(row, token_id) streams; row = prompt_index * n + sample_index."""
+    on_token(row, token_id) streams; row = prompt_index * n + sample_index.
+    generator: a torch.Generator, or a list with one per prompt. Each step draws n uniforms per prompt
+    from its generator, finished samples or not, so with one generator per prompt a prompt's samples do
+    not depend on the other prompts of the batch (nor on when rows are compacted)."""
     model.eval()
     cfg, dev = model.cfg, model.model.embed_tokens.weight.device
     dtype = model.model.embed_tokens.weight.dtype
@@ -319,19 +390,31 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
     budgets = [min(max_new_tokens, limit - len(p)) for p in prompts]
     if min(budgets) < 1:
         raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room to generate (max_len {limit})")
-    B = len(prompts) * n
-    cache = KVCache(cfg, B, max(len(p) + b for p, b in zip(prompts, budgets)), dev, dtype)
+    P, B = len(prompts), len(prompts) * n
+    gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * P
+    shared = n > 1  # one sample per prompt (chat) shares nothing: plain rows and SDPA, a third fewer ops a step
+    prefix = KVCache(cfg, P, max(map(len, prompts)), dev, dtype) if shared else None
+    cache = None if shared else KVCache(cfg, B, max(len(p) + b for p, b in zip(prompts, budgets)), dev, dtype)
     first = []
-    for i, p in enumerate(prompts):  # prefill each prompt once, then copy its cache into its n rows
+    for i, p in enumerate(prompts):  # prefill each prompt once: its n samples share its keys (cascade_attention)
         one = KVCache(cfg, 1, len(p), dev, dtype)
-        first.append(model(torch.tensor([p], device=dev), cache=one)[0].expand(n, -1))
-        cache.copy_from(slice(i * n, (i + 1) * n), one)
+        first.append(model(torch.tensor([p], device=dev), cache=one)[0])
+        (prefix if shared else cache).copy_from(slice(i, i + 1), one)
         del one
-    tok = sample_next(torch.cat(first), temperature, top_p, top_k, generator)
+    if shared:
+        cache = KVCache(cfg, B, max(budgets), dev, dtype, prefix, torch.arange(P, device=dev).repeat_interleave(n))
+
+    def draws(live):  # uniforms for the live rows (indices into the B samples)
+        if temperature <= 0:
+            return None
+        return torch.cat([torch.rand(n, generator=g, device=dev) for g in gens])[live]
+
+    rows = list(range(B))  # cache row -> output index
+    live_t = torch.arange(B, device=dev)
+    tok = sample_next(torch.stack(first).repeat_interleave(n, 0), temperature, top_p, top_k, u=draws(live_t))
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
     out = [[] for _ in range(B)]
     reason = [None] * B
-    rows = list(range(B))  # cache row -> output index
     budget = [budgets[r // n] for r in range(B)]
     max_stop = max((len(s) for s in stop), default=0)
     while True:
@@ -355,9 +438,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
         if len(live) <= len(rows) * 7 // 8:  # compact when an eighth of the rows are finished
             idx = torch.tensor(live, device=dev)
             cache.keep(idx)
-            tok, rows = tok[idx], [rows[j] for j in live]
+            tok, rows, live_t = tok[idx], [rows[j] for j in live], live_t[idx]
         logits = model(tok[:, None], cache=cache)
-        tok = sample_next(logits, temperature, top_p, top_k, generator)
+        tok = sample_next(logits, temperature, top_p, top_k, u=draws(live_t))
     return [[{"ids": out[i * n + s], "finish_reason": reason[i * n + s]} for s in range(n)] for i in range(len(prompts))]
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,7 +571,10 @@ def resolve(path):
             tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
             hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
             cfg = LlamaConfig.from_hf(hf.config.to_dict())
-            save_checkpoint(out, hf.state_dict(), cfg, tok, get_template(tok, d))
+            tmp = f"{out}.tmp{os.getpid()}"  # written aside and renamed: a killed conversion leaves no half folder
+            save_checkpoint(tmp, hf.state_dict(), cfg, tok, get_template(tok, d))
+            shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older version
+            os.replace(tmp, out)
         return out
     if os.path.exists(path) or path.count("/") != 1:
         raise FileNotFoundError(f"{path}: not a model folder, a .gguf file, or a Hub id (org/name)")
@@ -501,7 +587,9 @@ def resolve(path):
 
 def load_state_dict(path):
     from safetensors.torch import load_file
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted({os.path.join(path, f) for f in json.load(open(index))["weight_map"].values()}) if os.path.exists(index) \
+        else [f for f in [os.path.join(path, "model.safetensors")] if os.path.exists(f)]
     if not files:
         raise FileNotFoundError(f"{path}: no *.safetensors weights")
     sd = {}
@@ -863,7 +951,7 @@ def fit(cfg, model, plan, step_fn, eval_fn=None, dist_info=(0, 1, torch.device("
     if total == 0:
         raise DataError(f"{cfg.data}:0: {len(plan)} micro-batches is not enough for one step of {per_step}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+                            weight_decay=cfg.weight_decay, fused=True)  # fused on CPU too: ~6x faster than foreach
     state_dir, log_path = os.path.join(cfg.out, "state"), os.path.join(cfg.out, "log.jsonl")
     start = 0
     if cfg.resume and os.path.exists(os.path.join(state_dir, "step.json")):
