@@ -84,7 +84,7 @@ def write_jsonl(path, records):
 def run_script(*args, nproc=1, timeout=600, check=True, env=None):
     """Run a stage script as a user would (python X.py or torchrun), from the repo root."""
     cmd = [sys.executable, *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(random.randint(20000, 40000)), *args]
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(random.randint(20000, 40000)), "--", *args]  # "--": torchrun would take --n as its own
     e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
     if check and p.returncode != 0:
