@@ -360,7 +360,7 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
         probs.masked_fill_(probs < probs.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
     probs = probs.sub_(probs.amax(-1, keepdim=True)).exp_()  # unnormalized
     if top_p < 1.0:  # the nucleus is nearly always among the first few dozen tokens: look there first
-        total, k = probs.sum(-1, keepdim=True), min(V, 32)
+        total, k = probs.sum(-1, keepdim=True), min(V, 64)
         while True:
             top = probs.topk(k, dim=-1).values
             before = (top.cumsum(-1) - top) / total  # the mass of the more likely tokens

@@ -1,0 +1,184 @@
+import json, os
+import pytest
+import torch
+import transformers
+from conftest import M, make_checkpoint, run_script, write_jsonl
+import sample
+
+TURNS = ["tell me about the quick brown fox", "yes the fox", "what city is the capital of france",
+         "paris is the capital of france", "one two three four five"]
+
+@pytest.fixture(autouse=True)
+def one_thread():  # tiny matmuls: a second OpenMP thread only adds sync costs (large ones on a busy machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+def prompts(k=3):  # prompts of different lengths, some multi-turn, the last with its own system message
+    recs = []
+    for i in range(k):
+        msgs = [{"role": ("user", "assistant")[j % 2], "content": TURNS[(i + j) % len(TURNS)]} for j in range(1 + 2 * (i % 3))]
+        if i % 4 == 3:
+            msgs = [{"role": "system", "content": "be brief"}] + msgs
+        recs.append({"id": f"p{i}", "messages": msgs})
+    return recs
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+def sample_run(model, data, out, *flags):
+    sample.run(["--model", model, "--data", data, "--out", str(out), "--device", "cpu", "--dtype", "float32", *map(str, flags)])
+    return read(out)
+
+def test_greedy_matches_transformers(tmp_path, tiny_vicuna):
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(4))
+    recs = sample_run(tiny_vicuna, data, tmp_path / "o.jsonl", "--n", 2, "--temperature", 0, "--max-new-tokens", 12)
+    _, tok, template = M.load_model(tiny_vicuna)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_vicuna, dtype=torch.float32).eval()
+    assert [r["id"] for r in recs] == ["p0", "p1", "p2", "p3"]
+    lengths = set()
+    for rec in recs:
+        ids = M.render(tok, rec["messages"], template, prompt=True)[0]
+        lengths.add(len(ids))
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=0)[0, len(ids):].tolist()
+        if tok.eos_token_id in ref:
+            ref = ref[:ref.index(tok.eos_token_id)]
+        for r in rec["responses"]:
+            assert r["content"] == tok.decode(ref, skip_special_tokens=True) and r["num_tokens"] == len(ref)
+        assert rec["sampling"]["n"] == 2 and len(rec["responses"]) == 2
+    assert len(lengths) == 4  # one batch of prompts of different lengths
+
+def reference_sample(model, prompt, u, temperature, top_k, top_p, eos):
+    """One sample on its own: a full forward per token (no cache), sort-based top-k/top-p in float64 and
+    inverse-CDF sampling with the given uniform draws."""
+    ids = list(prompt)
+    for x in u:
+        logits = model(torch.tensor([ids]))[-1].double() / temperature
+        top, idx = logits.sort(descending=True)
+        probs = top.softmax(-1)
+        probs[top_k:] = 0
+        probs /= probs.sum()
+        probs[(probs.cumsum(-1) - probs) >= top_p] = 0
+        probs = torch.zeros_like(probs).scatter(0, idx, probs)  # back to vocabulary order, as generate samples
+        t = int(torch.searchsorted(probs.cumsum(-1), float(x) * probs.sum(), right=True))
+        if t in eos:
+            break
+        ids.append(t)
+    return ids[len(prompt):]
+
+def test_prefix_shared_sampling_equals_independent(tiny_vicuna):
+    model, _, _ = M.load_model(tiny_vicuna)
+    prompts_ = [[1, 50, 60, 70], [1, 90, 100, 110, 120, 130, 140]]
+    n, steps, temperature, top_k, top_p = 8, 6, 1.0, 6, 0.8
+    with torch.no_grad():
+        eos = list(range(3, model.cfg.vocab_size, 6))  # many, so samples end at different steps (compaction runs)
+        outs = M.generate(model, prompts_, n=n, max_new_tokens=steps, temperature=temperature, top_k=top_k, top_p=top_p,
+                          eos_ids=eos, generator=[torch.Generator().manual_seed(s) for s in (11, 12)])
+        reasons = set()
+        for p, seed, out in zip(prompts_, (11, 12), outs):
+            g = torch.Generator().manual_seed(seed)  # generate draws n uniforms per prompt per step
+            u = torch.stack([torch.rand(n, generator=g) for _ in range(steps)])
+            for s in range(n):
+                assert out[s]["ids"] == reference_sample(model, p, u[:, s], temperature, top_k, top_p, eos)
+                reasons.add(out[s]["finish_reason"])
+        assert reasons == {"eos", "length"}
+        # and the first token's frequencies match the softmax (chi-square, loose bound)
+        N, T = 4000, 0.5
+        first = M.generate(model, [prompts_[1]], n=N, max_new_tokens=1, temperature=T, generator=torch.Generator().manual_seed(0))[0]
+        probs = (model(torch.tensor([prompts_[1]]))[-1].double() / T).softmax(-1)
+    counts = torch.bincount(torch.tensor([o["ids"][0] for o in first]), minlength=len(probs)).double()
+    expected = probs * N
+    big = expected >= 5
+    assert big.sum() >= 10 and counts[~big].sum() <= 3 * expected[~big].sum() + 10
+    chi2 = float(((counts[big] - expected[big]) ** 2 / expected[big]).sum())
+    df = int(big.sum()) - 1
+    assert chi2 < df + 6 * (2 * df) ** 0.5, (chi2, df)
+
+def test_rewards_equal_one_by_one(tmp_path, tiny_vicuna, sp_tokenizer):
+    rm_path = make_checkpoint(tmp_path / "rm", sp_tokenizer, "vicuna", seed=3, reward=True)
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(3))
+    recs = sample_run(tiny_vicuna, data, tmp_path / "o.jsonl", "--n", 3, "--max-new-tokens", 6, "--reward-model", rm_path,
+                      "--temperature", 1.0)
+    rm, tok, template = M.load_model(rm_path)
+    rewards = []
+    for rec in recs:
+        for r in rec["responses"]:
+            one = M.reward_scores(rm, tok, template, [rec["messages"] + [{"role": "assistant", "content": r["content"]}]])[0]
+            assert abs(r["reward"] - one) <= 1e-5
+            rewards.append(r["reward"])
+    assert len(rewards) == 9 and len(set(rewards)) > 1
+
+def test_torchrun_covers_every_prompt_once(tmp_path, tiny_vicuna):
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(5))
+    args = ["--model", tiny_vicuna, "--data", data, "--n", "2", "--max-new-tokens", "5", "--dtype", "float32"]
+    # `--` ends torchrun's own flags: its argparse would otherwise read our --n as an ambiguous prefix of --nnodes
+    run_script("--", "sample.py", *args, "--out", str(tmp_path / "o2.jsonl"), nproc=2)
+    two = read(tmp_path / "o2.jsonl")
+    assert sorted(r["id"] for r in two) == ["p0", "p1", "p2", "p3", "p4"]
+    assert not [f for f in os.listdir(tmp_path) if ".rank" in f]  # shards merged and removed
+    # per-prompt seeds: the same responses as one process that batched the prompts differently
+    one = {r["id"]: r["responses"] for r in sample_run(tiny_vicuna, data, tmp_path / "o1.jsonl", "--n", 2, "--max-new-tokens", 5)}
+    assert all(r["responses"] == one[r["id"]] for r in two)
+
+def test_kill_and_resume(tmp_path, tiny_vicuna):
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(5))
+    flags = ["--n", 2, "--max-new-tokens", 5, "--batch-tokens", 1]  # one prompt per batch
+    ref = sample_run(tiny_vicuna, data, tmp_path / "ref.jsonl", *flags)
+    out = tmp_path / "o.jsonl"
+    kept = dict(ref[1], responses=[{"content": "KEPT", "finish_reason": "length", "num_tokens": 1}])
+    lines = [json.dumps(r) + "\n" for r in (ref[0], kept, ref[2])]
+    out.write_text(lines[0] + lines[1] + lines[2][:40])  # a kill tore the third record
+    (tmp_path / "o.jsonl.rank1").write_text(json.dumps(ref[3]) + "\n" + json.dumps(ref[4])[:30])  # and a torchrun shard
+    recs = sample_run(tiny_vicuna, data, out, *flags)
+    assert sorted(r["id"] for r in recs) == ["p0", "p1", "p2", "p3", "p4"]  # each once
+    by_id = {r["id"]: r for r in recs}
+    assert by_id["p1"]["responses"][0]["content"] == "KEPT"  # done records are not redone
+    assert all(by_id[r["id"]] == r for r in ref if r["id"] != "p1")
+    assert not os.path.exists(tmp_path / "o.jsonl.rank1")
+
+def test_finish_reasons(tmp_path, sp_tokenizer):
+    path = make_checkpoint(tmp_path / "m", sp_tokenizer, "vicuna")
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(1))
+    greedy = ["--n", 1, "--temperature", 0, "--max-new-tokens", 8]
+    r = sample_run(path, data, tmp_path / "a.jsonl", *greedy)[0]["responses"][0]
+    assert r["finish_reason"] == "length" and r["num_tokens"] == 8
+    model, tok, template = M.load_model(path)
+    ids = M.render(tok, prompts(1)[0]["messages"], template, prompt=True)[0]
+    out = M.generate(model, [ids], max_new_tokens=8, temperature=0)[0][0]["ids"]
+    assert tok.decode(out, skip_special_tokens=True) == r["content"]
+    j = next((j for j in range(1, 8) if out[j] not in out[:j]), 0)
+    cfg = json.load(open(tmp_path / "m" / "config.json"))  # a second EOS id, as Llama-3 style configs list
+    json.dump(cfg | {"eos_token_id": [cfg["eos_token_id"], out[j]]}, open(tmp_path / "m" / "config.json", "w"))
+    r = sample_run(path, data, tmp_path / "b.jsonl", *greedy)[0]["responses"][0]
+    assert r["finish_reason"] == "eos" and r["num_tokens"] == j and r["content"] == tok.decode(out[:j], skip_special_tokens=True)
+    json.dump(cfg, open(tmp_path / "m" / "config.json", "w"))
+    text = tok.decode(out, skip_special_tokens=True)
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    r = sample_run(path, data, tmp_path / "c.jsonl", *greedy, "--stop", stop)[0]["responses"][0]
+    assert r["finish_reason"] == "stop" and r["content"] == text[:text.index(stop)] and r["num_tokens"] < 8
+
+def test_unique_resamples_duplicates(tmp_path, tiny_vicuna):
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(2))
+    for rec in sample_run(tiny_vicuna, data, tmp_path / "g.jsonl", "--n", 3, "--temperature", 0, "--max-new-tokens", 3, "--unique"):
+        assert rec["duplicates"] == 2  # greedy: nothing to re-sample
+    recs = sample_run(tiny_vicuna, data, tmp_path / "s.jsonl", "--n", 6, "--temperature", 1.0, "--top-k", 4,
+                      "--max-new-tokens", 1, "--unique", "--unique-tries", 8)
+    for rec in recs:
+        contents = [r["content"] for r in rec["responses"]]
+        assert len(contents) == 6 and rec["duplicates"] == 6 - len(set(contents)) and len(set(contents)) >= 3
+
+def test_bad_input(tmp_path, tiny_vicuna):
+    ok = {"id": "a", "messages": [{"role": "user", "content": "hi"}]}
+    answered = {"id": "b", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad = write_jsonl(tmp_path / "bad.jsonl", [ok, answered])
+    p = run_script("sample.py", "--model", tiny_vicuna, "--data", bad, "--out", str(tmp_path / "o.jsonl"), check=False)
+    assert p.returncode == 2 and "bad.jsonl:2: conversation must end with a user turn" in p.stderr, p.stderr[-2000:]
+    torn = write_jsonl(tmp_path / "torn.jsonl", [ok, dict(ok, id="c"), '{"id": "d", "messages": ['])
+    with pytest.raises(M.DataError, match=r"torn.jsonl:3: malformed JSON"):
+        sample_run(tiny_vicuna, torn, tmp_path / "o.jsonl")
+    dup = write_jsonl(tmp_path / "dup.jsonl", [ok, ok])
+    with pytest.raises(M.DataError, match=r"dup.jsonl:2: duplicate id"):
+        sample_run(tiny_vicuna, dup, tmp_path / "o.jsonl")
+    assert not os.path.exists(tmp_path / "o.jsonl")
