@@ -1,23 +1,39 @@
 """
 LLM-as-judge over the OpenAI API: turn pairs of responses into judged preference pairs (Xwin-Pair),
 and report AlpacaEval-style win rates. Each pair is judged twice, once in each order, because judges
-favour a position; only verdicts that agree in both orders become chosen/rejected pairs.
+favour a position; only verdicts that agree in both orders become chosen/rejected pairs (or, with
+--verdict logprobs, the two orders' probabilities are averaged).
 
     python annotate.py --data pairs.jsonl --out xwin_pair.jsonl --workers 8      # sample.py --n 2 output
     python annotate.py --a ref.jsonl --b ours.jsonl --out judged.jsonl             # two models, matched by id
     python annotate.py --report judged.jsonl                                       # win rate of B over A
     python annotate.py ... --base-url http://127.0.0.1:8000/v1 --judge-model x    # vLLM, chat.py --serve, ...
+    python annotate.py ... --verdict logprobs                                      # a weak judge: P(A) vs P(B)
+
+Two ways to read a verdict (--verdict). `text` (the default, for GPT-4-class judges): the judge reasons
+briefly and ends with `Verdict: [[A better]]` on a 7-point scale. `logprobs` (for weak or small judges,
+which cannot keep a format, and for cheap runs): a short prompt asks for one letter, A or B, and the
+request (max_tokens 1, temperature 0, logprobs with the top 20) returns the judge's probabilities of
+both letters, P(A) and P(B), read from the first token ("A", " a", ... all count; a letter outside the
+top 20 has probability 0; neither letter there = unparseable -> failed). Averaging the two orders
+cancels the judge's position bias:
+    p = ( P_AB(A) / (P_AB(A) + P_AB(B))  +  P_BA(B) / (P_BA(A) + P_BA(B)) ) / 2
+is the probability that the first response is better. |p - 0.5| < --tie-margin is a tie; otherwise the
+likelier response is chosen, strength 3 if |p - 0.5| >= 0.3, 2 if >= 0.15, else 1. --inconsistent does
+not apply (orders that disagree are averaged, not voted); swap consistency (both orders prefer the same
+response) is still recorded and reported. This works with any server that returns logprobs: OpenAI's
+API (gpt-4o, gpt-4o-mini, gpt-4.1; top_logprobs up to 20), vLLM, and chat.py --serve.
 
 The key comes from OPENAI_API_KEY only (never printed or written). Azure OpenAI: pass its v1 endpoint,
 --base-url https://RESOURCE.openai.azure.com/openai/v1/, and the deployment name as --judge-model.
 
 Outputs. --out holds only decisive pairs {"id", "messages", "chosen", "rejected", "strength", "judge"},
 so train_rm.py and dpo.py can read it as preference pairs as is; strength is the mean degree of the two
-verdicts (1 slightly better, 2 better, 3 much better), Llama-2's margin scale. Everything else, ties (both orders
-say tie, or the orders disagree and --inconsistent is tie), inconsistent pairs dropped (--inconsistent
-drop) and failed pairs (attempts exhausted, unparseable replies), goes to OUT.other.jsonl with a
-"status" of tie / inconsistent / failed. A rerun skips ids in either file; --retry-failed judges the
-failed ones again. --report reads both files.
+verdicts (1 slightly better, 2 better, 3 much better; --verdict logprobs: the buckets above), Llama-2's
+margin scale. Everything else, ties (both orders say tie, or the orders disagree and --inconsistent is
+tie), inconsistent pairs dropped (--inconsistent drop) and failed pairs (attempts exhausted, unparseable
+replies), goes to OUT.other.jsonl with a "status" of tie / inconsistent / failed. A rerun skips ids in
+either file; --retry-failed judges the failed ones again. --report reads both files.
 """
 import json, math, os, random, re, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -39,7 +55,9 @@ class AnnotateConfig:
     max_attempts: int = 6  # attempts per request (429, 5xx, timeouts) before the pair is recorded as failed
     backoff: float = 2.0  # seconds before the first retry; doubles each time, with jitter (Retry-After wins if longer)
     max_backoff: float = 120.0  # longest backoff between attempts
-    inconsistent: str = "tie"  # the two orders disagree: record a tie (counted half in --report) or drop
+    verdict: str = "text"  # text: a reasoned 7-point verdict; logprobs: P(A) vs P(B) of a one-letter answer (weak judges)
+    tie_margin: float = 0.02  # --verdict logprobs: a tie when the order-averaged P(first better) is within this of 0.5
+    inconsistent: str = "tie"  # --verdict text, the two orders disagree: record a tie (counted half in --report) or drop
     retry_failed: bool = False  # judge again the pairs recorded as failed by an earlier run
     skip_bad: bool = False  # skip (and count) malformed input records instead of stopping
     price_in: float = 0.0  # $ per million prompt tokens, for a cost estimate
@@ -79,10 +97,51 @@ REMINDER = ("Your reply did not end with a verdict in the required format. Reply
 VERDICTS = {"A much better": 3, "A better": 2, "A slightly better": 1, "tie": 0,  # + : the reply shown as A wins
             "B slightly better": -1, "B better": -2, "B much better": -3}
 
-def judge_messages(messages, first, second):
+# --verdict logprobs: short, no reasoning asked, a single letter (a small model follows this; GPT-4 too)
+LETTER_PROMPT = """Below is a conversation between a user and an AI assistant, then two candidate replies to the user's last message.
+
+<conversation>
+{conversation}
+</conversation>
+
+<reply A>
+{a}
+</reply A>
+
+<reply B>
+{b}
+</reply B>
+
+Which reply is better: more helpful, correct and relevant? Answer with one letter: A or B."""
+
+def judge_messages(messages, first, second, prompt=JUDGE_PROMPT):
     conv = "\n\n".join(f"[{m['role'].capitalize()}]\n{m['content']}" for m in messages)
     return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_PROMPT.format(conversation=conv, a=first, b=second)}]
+            {"role": "user", "content": prompt.format(conversation=conv, a=first, b=second)}]
+
+def letter_probs(choice):
+    """{"A": P(A), "B": P(B)} from the first generated token's top_logprobs (tokens compared after strip(),
+    case-insensitive; variants such as "A" and " A" add up), or None when neither letter is there."""
+    content = choice.logprobs.content if choice is not None and choice.logprobs else None
+    if not content:
+        return None
+    p = {"A": 0.0, "B": 0.0}
+    for t in content[0].top_logprobs or [content[0]]:
+        key = t.token.strip().upper()
+        if key in p:
+            p[key] += math.exp(t.logprob)
+    return p if p["A"] + p["B"] > 0 else None
+
+STRENGTHS = ((0.3, 3.0), (0.15, 2.0))  # |p - 0.5| at least this -> strength; else 1
+
+def combine_probs(p_ab, p_ba, tie_margin):
+    """Letter probabilities of the two orders (AB: the first response shown as A; BA: as B) -> (status,
+    winner, strength, [P(first response better) in order AB, in order BA]); their mean p decides."""
+    first = [p_ab["A"] / (p_ab["A"] + p_ab["B"]), p_ba["B"] / (p_ba["A"] + p_ba["B"])]
+    p = sum(first) / 2
+    if abs(p - 0.5) < tie_margin:
+        return "tie", "tie", 0.0, first
+    return "judged", "A" if p > 0.5 else "B", next((s for d, s in STRENGTHS if abs(p - 0.5) >= d), 1.0), first
 
 def parse_verdict(text):
     """The score of the last `Verdict: [[...]]` line in text (+3 .. -3 for the reply shown first), or
@@ -177,6 +236,9 @@ def retry_after(headers):
         pass
     return 0.0
 
+def reply_text(choice):
+    return (choice.message.content or "") if choice is not None else ""
+
 class Judge:
     def __init__(self, cfg):
         import openai
@@ -191,19 +253,20 @@ class Judge:
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0, "retries": 0}
         self.rng = random.Random(cfg.seed)
 
-    def ask(self, messages):
+    def ask(self, messages, **extra):
+        """-> the reply's first choice (None if it has none). extra: request fields that override ours."""
         cfg, openai = self.cfg, self.openai
         for attempt in range(1, cfg.max_attempts + 1):
             wait = 0.0
             try:
-                r = self.client.chat.completions.create(model=cfg.judge_model, messages=messages,
-                                                        temperature=cfg.temperature, max_tokens=cfg.max_tokens)
+                r = self.client.chat.completions.create(**dict(model=cfg.judge_model, messages=messages,
+                                                               temperature=cfg.temperature, max_tokens=cfg.max_tokens) | extra)
                 with self.lock:
                     self.usage["requests"] += 1
                     if r.usage:
                         self.usage["prompt_tokens"] += r.usage.prompt_tokens or 0
                         self.usage["completion_tokens"] += r.usage.completion_tokens or 0
-                return (r.choices[0].message.content or "") if r.choices else ""
+                return r.choices[0] if r.choices else None
             except openai.APIStatusError as e:
                 code, msg = e.status_code, redact(str(e.message), self.key)
                 if code in (401, 403, 404):
@@ -224,12 +287,22 @@ class Judge:
                 delay = min(cfg.max_backoff, cfg.backoff * 2 ** (attempt - 1)) * self.rng.uniform(0.5, 1.0)
             time.sleep(max(delay, wait))
 
+    def letters(self, messages):
+        """-> {"A": P(A), "B": P(B)} of a one-token answer (--verdict logprobs)."""
+        choice = self.ask(messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20)
+        p = letter_probs(choice)
+        if p is None:
+            top = choice.logprobs.content[0].top_logprobs if choice and choice.logprobs and choice.logprobs.content else []
+            raise Failed(f"neither A nor B among the judge's likeliest first tokens: {[t.token for t in top]!r}"
+                         + ("" if choice and choice.logprobs else " (the server returned no logprobs)"))
+        return p
+
     def verdict(self, messages):
         """-> (score, rationale text). An unparseable reply gets one reminder of the format."""
-        text = self.ask(messages)
+        text = reply_text(self.ask(messages))
         score = parse_verdict(text)
         if score is None:
-            again = self.ask(messages + [{"role": "assistant", "content": text}, {"role": "user", "content": REMINDER}])
+            again = reply_text(self.ask(messages + [{"role": "assistant", "content": text}, {"role": "user", "content": REMINDER}]))
             score = parse_verdict(again)
             if score is None:
                 raise Failed(f"unparseable judge reply: {text!r}; after a reminder: {again!r}")
@@ -243,6 +316,8 @@ class Judge:
         if a == b:  # nothing to judge
             return "tie", base | {"status": "tie", "responses": [a, b], "judge": {"model": self.cfg.judge_model, "winner": "tie", "identical": True}}
         try:
+            if self.cfg.verdict == "logprobs":
+                return self.pair_logprobs(base, a, b)
             s_ab, r_ab = self.verdict(judge_messages(p["messages"], a, b))
             s_ba, r_ba = self.verdict(judge_messages(p["messages"], b, a))
         except Fatal:
@@ -254,6 +329,18 @@ class Judge:
         label = {v: k for k, v in VERDICTS.items()}
         judge = {"model": self.cfg.judge_model, "verdicts": [label[s_ab], label[s_ba]], "scores_for_a": [s_ab, -s_ba],
                  "orders": ["AB", "BA"], "rationales": [r_ab, r_ba], "winner": winner, "consistent": sign(s_ab) == sign(-s_ba)}
+        if status != "judged":
+            return status, base | {"status": status, "responses": [a, b], "judge": judge}
+        chosen, rejected = (a, b) if winner == "A" else (b, a)
+        return "judged", base | {"chosen": chosen, "rejected": rejected, "strength": strength, "judge": judge}
+
+    def pair_logprobs(self, base, a, b):
+        p_ab = self.letters(judge_messages(base["messages"], a, b, LETTER_PROMPT))
+        p_ba = self.letters(judge_messages(base["messages"], b, a, LETTER_PROMPT))
+        status, winner, strength, first = combine_probs(p_ab, p_ba, self.cfg.tie_margin)
+        judge = {"model": self.cfg.judge_model, "verdict": "logprobs", "letter_probs": [p_ab, p_ba], "orders": ["AB", "BA"],
+                 "p_first_better": first, "p": sum(first) / 2, "winner": winner,
+                 "consistent": sign(first[0] - 0.5) == sign(first[1] - 0.5)}
         if status != "judged":
             return status, base | {"status": status, "responses": [a, b], "judge": judge}
         chosen, rejected = (a, b) if winner == "A" else (b, a)
@@ -310,6 +397,8 @@ def run():
         return print_report(cfg.report)
     if cfg.inconsistent not in ("tie", "drop"):
         raise SystemExit("error: --inconsistent must be tie or drop")
+    if cfg.verdict not in ("text", "logprobs"):
+        raise SystemExit("error: --verdict must be text or logprobs")
     log(json.dumps(asdict(cfg)))
     pairs = load_pairs(cfg)
     other = other_path(cfg.out)

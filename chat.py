@@ -1,13 +1,14 @@
 """
 Chat with a checkpoint: an interactive REPL that streams tokens as they are generated, a one-shot
 `--prompt` whose answer alone goes to stdout, or `--serve`, an OpenAI-compatible HTTP server
-(POST /v1/chat/completions, GET /v1/models) built on the standard library.
+(POST /v1/chat/completions, GET /v1/models) built on the standard library. Non-streaming requests
+may ask for `logprobs` / `top_logprobs` (OpenAI's shape), which annotate.py --verdict logprobs reads.
 
     python chat.py                                   # the bundled SmolLM2-135M-Instruct
     python chat.py --model out/sft --prompt "Hi"     # scriptable: only the answer on stdout
     python chat.py --model out/dpo --serve --port 8000
 """
-import json, os, random, sys, threading, time, traceback, uuid
+import json, os, random, re, sys, threading, time, traceback, uuid
 from dataclasses import dataclass
 import torch
 import model as M
@@ -186,17 +187,84 @@ def parse_request(body, cfg):
     if not isinstance(stream, bool) or not isinstance(options, dict):
         raise BadRequest("'stream' must be a boolean and 'stream_options' an object")
     max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
+    logprobs, top_logprobs = req.get("logprobs") or False, number(req, "top_logprobs", 0, 0, 20, int)
+    if not isinstance(logprobs, bool):
+        raise BadRequest("'logprobs' must be a boolean")
+    if "top_logprobs" in req and req["top_logprobs"] is not None and not logprobs:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true")
+    if logprobs and stream:
+        raise BadRequest("'logprobs' is supported without 'stream' only")
     top_p = number(req, "top_p", cfg.top_p, 0, 1)
     return dict(messages=messages, stop=stop, stream=stream, top_p=top_p or 1.0,  # top_p 0: greedy, below
                 temperature=number(req, "temperature", cfg.temperature, 0, 2) if top_p else 0.0,
                 max_tokens=number({"max_tokens": max_tokens}, "max_tokens", cfg.max_new_tokens, 1, 10**9, int),
                 n=number(req, "n", 1, 1, cfg.max_n, int), seed=number(req, "seed", None, -2**63, 2**64 - 1, int),
-                include_usage=bool(options.get("include_usage")))
+                include_usage=bool(options.get("include_usage")), logprobs=logprobs, top_logprobs=top_logprobs)
+
+def token_bytes(tok):
+    """-> a function: token id -> its bytes, as OpenAI's logprobs report them. Byte-level BPE (GPT-2,
+    SmolLM2, Llama-3) spells bytes as printable characters; SentencePiece has ▁ for a space and <0xNN>
+    byte-fallback pieces. Decoding one id alone would lose SentencePiece's leading space and split UTF-8."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in printable]
+    byte_of = {chr(c): b for b, c in zip(printable + rest, printable + [256 + i for i in range(len(rest))])}
+    byte_level = "\u0120" in tok.get_vocab()  # Ġ, byte-level BPE's space
+    memo = {}
+
+    def get(i):
+        if i not in memo:
+            piece = tok.convert_ids_to_tokens(i) or ""
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                memo[i] = bytes([int(piece[3:5], 16)])
+            elif byte_level and all(c in byte_of for c in piece):
+                memo[i] = bytes(byte_of[c] for c in piece)
+            else:  # SentencePiece, or a special token outside the byte alphabet
+                memo[i] = (tok.decode([i]) if byte_level else piece.replace("\u2581", " ")).encode()
+        return memo[i]
+    return get
+
+class Logprobs:
+    """OpenAI's choice.logprobs of n completions, collected while they are generated: generate() shows
+    each step's logits (on_logits) before it samples the token (on_token). OpenAI reports the model's own
+    log-softmax, before temperature, top-p and top-k; so do we. A completion that ended at an EOS gets an
+    entry for it too (the likeliest of the EOS ids: generate() does not say which one it drew), so a
+    one-token judge that answers EOS still shows its distribution."""
+    def __init__(self, n, k, tbytes):
+        self.k, self.tbytes, self.last, self.seen = k, tbytes, [None] * n, [0] * n
+        self.content = [[] for _ in range(n)]
+
+    def on_logits(self, rows, logits):
+        live = [(j, r) for j, r in enumerate(rows) if self.seen[r] == len(self.content[r])]  # not ended at an EOS
+        if live:
+            lp = torch.log_softmax(logits.float(), -1)
+            for j, r in live:
+                self.last[r], self.seen[r] = lp[j], self.seen[r] + 1
+
+    def on_token(self, row, t):
+        self.content[row].append(self.entry(self.last[row], t))
+
+    def result(self, row, end=()):
+        if end:  # it ended at an EOS: one of `end` was drawn from its last distribution
+            self.content[row].append(self.entry(self.last[row], max(end, key=lambda e: float(self.last[row][e]))))
+        return {"content": self.content[row], "refusal": None}
+
+    def entry(self, lp, t):
+        v, i = lp.topk(self.k)
+        return self.item(t, float(lp[t])) | {"top_logprobs": [self.item(a, b) for a, b in zip(i.tolist(), v.tolist())]}
+
+    def item(self, t, logprob):
+        b = self.tbytes(t)
+        try:
+            text = b.decode()
+        except UnicodeDecodeError:  # part of a UTF-8 character: OpenAI's spelling
+            text = "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+        return {"token": text, "logprob": logprob, "bytes": list(b)}
 
 def serve(cfg, model, tok, template, eos, name):
     from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
     lock, seeds = threading.Lock(), random.Random(cfg.seed)
     device = model.model.embed_tokens.weight.device
+    tbytes = token_bytes(tok)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive for clients sending many requests (annotate.py)
@@ -254,8 +322,12 @@ def serve(cfg, model, tok, template, eos, name):
                 self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
                 self.wfile.flush()
 
+            lps = Logprobs(n, req["top_logprobs"], tbytes) if req["logprobs"] else None
+
             def on_token(row, t):
                 if not req["stream"]:
+                    if lps:
+                        lps.on_token(row, t)
                     return streams[row].ids.append(t)  # decoded once at the end
                 text = streams[row].push(t)
                 if text:
@@ -274,7 +346,7 @@ def serve(cfg, model, tok, template, eos, name):
                 gen = torch.Generator(device).manual_seed(req["seed"] if req["seed"] is not None else seeds.getrandbits(63))
                 outs = M.generate(model, [ids], n=n, max_new_tokens=max_tokens, temperature=req["temperature"],
                                   top_p=req["top_p"], top_k=cfg.top_k, eos_ids=eos, stop=req["stop"], tokenizer=tok,
-                                  on_token=on_token, generator=gen)[0]
+                                  on_token=on_token, generator=gen, on_logits=lps and lps.on_logits)[0]
             reasons = ["length" if o["finish_reason"] == "length" else "stop" for o in outs]  # eos and stop strings
             usage = {"prompt_tokens": len(ids), "completion_tokens": sum(len(o["ids"]) for o in outs)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -289,7 +361,8 @@ def serve(cfg, model, tok, template, eos, name):
                 return
             for s in streams:
                 s.finish()
-            choices = [{"index": i, "message": {"role": "assistant", "content": s.text}, "logprobs": None,
+            choices = [{"index": i, "message": {"role": "assistant", "content": s.text},
+                        "logprobs": lps and lps.result(i, eos if outs[i]["finish_reason"] == "eos" else ()),
                         "finish_reason": reasons[i]} for i, s in enumerate(streams)]
             self.send_json(200, head | {"object": "chat.completion", "choices": choices, "usage": usage})
 

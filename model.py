@@ -376,10 +376,12 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
 
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0, top_k=0, eos_ids=(),
-             stop=(), tokenizer=None, on_token=None, generator=None, max_len=None):
+             stop=(), tokenizer=None, on_token=None, generator=None, max_len=None, on_logits=None):
     """prompts: list of token-id lists. Returns, per prompt, n dicts {ids, finish_reason} with
     finish_reason 'eos', 'stop' (a stop string; ids end with it) or 'length'.
     on_token(row, token_id) streams; row = prompt_index * n + sample_index.
+    on_logits(rows, logits) sees each step's logits [len(rows), vocab] before sampling (for logprobs);
+    rows[j] is the row of logits[j]; rows already finished but not yet compacted away are included.
     generator: a torch.Generator, or a list with one per prompt. Each step draws n uniforms per prompt
     from its generator, finished samples or not, so with one generator per prompt a prompt's samples do
     not depend on the other prompts of the batch (nor on when rows are compacted)."""
@@ -411,7 +413,10 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
 
     rows = list(range(B))  # cache row -> output index
     live_t = torch.arange(B, device=dev)
-    tok = sample_next(torch.stack(first).repeat_interleave(n, 0), temperature, top_p, top_k, u=draws(live_t))
+    logits = torch.stack(first).repeat_interleave(n, 0)
+    if on_logits:
+        on_logits(list(range(B)), logits)
+    tok = sample_next(logits, temperature, top_p, top_k, u=draws(live_t))
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
     out = [[] for _ in range(B)]
     reason = [None] * B
@@ -440,6 +445,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
             cache.keep(idx)
             tok, rows, live_t = tok[idx], [rows[j] for j in live], live_t[idx]
         logits = model(tok[:, None], cache=cache)
+        if on_logits:
+            on_logits(rows, logits)
         tok = sample_next(logits, temperature, top_p, top_k, u=draws(live_t))
     return [[{"ids": out[i * n + s], "finish_reason": reason[i * n + s]} for s in range(n)] for i in range(len(prompts))]
 

@@ -1,4 +1,4 @@
-import json, math, os, re, statistics, subprocess, sys, threading, time
+import ast, json, math, os, re, statistics, subprocess, sys, threading, time
 from collections import defaultdict
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 import pytest
@@ -11,10 +11,11 @@ class Judge:
     """A scripted OpenAI-compatible judge on 127.0.0.1. Each pair's responses carry markers (ans-ID-a,
     ans-ID-b); the reply shown first picks the script: script[(ID, "a" | "b")] is a list of actions
     consumed one per request (the last one repeats): ("ok", text), ("429", retry_after), ("500",),
-    ("400",), ("sleep", seconds) (answers after the client gave up). Bad keys get a 401 echoing the key."""
+    ("400",), ("sleep", seconds) (answers after the client gave up), ("lp", {token: probability}) (a
+    one-token reply with those top_logprobs). Bad keys get a 401 echoing the key."""
     def __init__(self, script, delay=0.0):
         self.script, self.delay, self.log, self.lock = script, delay, [], threading.Lock()
-        self.used = defaultdict(int)
+        self.used, self.requests = defaultdict(int), []
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,6 +45,7 @@ class Judge:
                     act = acts[min(judge.used[(pid, first)], len(acts) - 1)]
                     judge.used[(pid, first)] += 1
                     judge.log.append((pid, first, act[0], time.time(), len(req["messages"])))
+                    judge.requests.append(req)
                 time.sleep(judge.delay)
                 if act[0] == "429":
                     return self.reply(429, {"error": {"message": "slow down", "type": "rate_limit"}}, [("Retry-After", str(act[1]))])
@@ -51,8 +53,13 @@ class Judge:
                     return self.reply(int(act[0]), {"error": {"message": "scripted", "type": "x"}})
                 if act[0] == "sleep":
                     time.sleep(act[1])
+                text, logprobs = act[-1], None
+                if act[0] == "lp":
+                    top = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in act[1].items()]
+                    text, logprobs = top[0]["token"], {"content": [top[0] | {"top_logprobs": top}]}
                 self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": act[-1]}, "finish_reason": "stop"}],
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                                              "finish_reason": "stop"}],
                                  "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110}})
 
             def log_message(self, *a):
@@ -138,6 +145,41 @@ def test_scripted_judge_retries_failures_and_swap_combination(tmp_path, monkeypa
         assert {p for p, *_ in judge.log[n_before:]} == {"p8", "p9", "p10"}
     finally:
         judge.close()
+
+def test_logprob_verdicts_average_out_position_bias(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    script = {  # ("ID", "a"): order AB (response a shown as A); ("ID", "b"): order BA
+        ("l1", "a"): [("lp", {"A": 0.7, "B": 0.2, "The": 0.1})], ("l1", "b"): [("lp", {" b": 0.5, "a": 0.25})],
+        ("l2", "a"): [("lp", {"A": 0.55, "B": 0.45})], ("l2", "b"): [("lp", {"A": 0.95, "B": 0.05})],  # likes seat A
+        ("l3", "a"): [("lp", {"A": 0.8, "B": 0.2})], ("l3", "b"): [("lp", {"A": 0.79, "B": 0.21})],    # only seat A: tie
+        ("l4", "a"): [("lp", {"A": 0.9, "Sure": 0.1})], ("l4", "b"): [("lp", {"B ": 0.5, "x": 0.5})],  # a missing letter: 0
+        ("l5", "a"): [("lp", {"A": 0.6, "B": 0.4})], ("l5", "b"): [("lp", {"A": 0.4, "B": 0.6})],
+        ("l6", "a"): [("lp", {"The": 0.9, "I": 0.1})],                                                 # no letter: failed
+    }
+    judge = Judge(script)
+    data = write_jsonl(tmp_path / "pairs.jsonl", [pair(f"l{i}") for i in range(1, 7)])
+    out = str(tmp_path / "lp.jsonl")
+    try:
+        run_annotate(monkeypatch, "--data", data, "--out", out, "--base-url", judge.url, "--verdict", "logprobs",
+                     "--workers", "2", "--backoff", "0.01")
+    finally:
+        judge.close()
+    assert all(r["max_tokens"] == 1 and r["temperature"] == 0 and r["logprobs"] is True and r["top_logprobs"] == 20
+               and r["messages"][1]["content"].endswith("Answer with one letter: A or B.") for r in judge.requests)
+    main = {r["id"]: r for r in read(out)}
+    # p = (P_AB(A) / (P_AB(A) + P_AB(B)) + P_BA(B) / (P_BA(A) + P_BA(B))) / 2, the chance that a is better
+    p = {"l1": (0.7 / 0.9 + 0.5 / 0.75) / 2, "l2": (0.55 + 0.05) / 2, "l4": 1.0, "l5": 0.6}
+    assert {i: (r["judge"]["winner"], r["strength"], r["chosen"][-4:]) for i, r in main.items()} == {
+        "l1": ("A", 2.0, "l1-a"), "l2": ("B", 2.0, "l2-b"), "l4": ("A", 3.0, "l4-a"), "l5": ("A", 1.0, "l5-a")}
+    assert {i: r["judge"]["p"] for i, r in main.items()} == pytest.approx(p)
+    assert main["l2"]["judge"]["consistent"] is False and main["l1"]["judge"]["consistent"] is True  # l2: both picked seat A
+    assert main["l1"]["judge"]["letter_probs"] == [pytest.approx({"A": 0.7, "B": 0.2}), pytest.approx({"A": 0.25, "B": 0.5})]
+    other = {r["id"]: r for r in read(A.other_path(out))}
+    assert {i: r["status"] for i, r in other.items()} == {"l3": "tie", "l6": "failed"}
+    assert other["l3"]["judge"]["p"] == pytest.approx((0.8 + 0.21) / 2) and "'The', 'I'" in other["l6"]["error"]
+    r = A.report(out)
+    assert (r["n"], r["wins_a"], r["wins_b"], r["ties"], r["failed"]) == (5, 3, 1, 1, 1)
+    assert r["swap_consistency"] == pytest.approx(100 * 3 / 5)  # l1, l4, l5 consistent; l2, l3 not
 
 def test_parse_and_combine():
     assert A.parse_verdict("blah\n**Verdict:** [[B  Much better]]") == -3
@@ -233,10 +275,15 @@ def test_against_chat_serve(tmp_path, monkeypatch, bpe_tokenizer):
     try:
         run_annotate(monkeypatch, "--data", data, "--out", out, "--base-url", url, "--judge-model", "tiny",
                      "--max-tokens", "8", "--workers", "2", "--backoff", "0.01")
+        run_annotate(monkeypatch, "--data", data, "--out", out + ".lp.jsonl", "--base-url", url, "--judge-model", "tiny",
+                     "--verdict", "logprobs", "--workers", "2", "--backoff", "0.01")
     finally:
         proc.kill()
         proc.wait()
-    recs = read(out) + read(A.other_path(out))
-    assert sorted(r["id"] for r in recs) == ["s0", "s1", "s2"]  # garbage verdicts, but every pair accounted for
-    assert all(r.get("status") in (None, "tie", "inconsistent", "failed") for r in recs)
-    assert not any("HTTP" in r.get("error", "") for r in recs)  # the server answered every request
+    for o in (out, out + ".lp.jsonl"):
+        recs = read(o) + read(A.other_path(o))
+        assert sorted(r["id"] for r in recs) == ["s0", "s1", "s2"]  # garbage verdicts, but every pair accounted for
+        assert all(r.get("status") in (None, "tie", "inconsistent", "failed") for r in recs)
+        assert not any("HTTP" in r.get("error", "") or "no logprobs" in r.get("error", "") for r in recs)  # all answered
+    for r in read(out + ".lp.jsonl") + read(A.other_path(out + ".lp.jsonl")):  # a random model rarely has A or B in its top 20
+        assert 0 <= r["judge"]["p"] <= 1 if "judge" in r else len(ast.literal_eval(r["error"].split("tokens: ")[1])) == 20

@@ -93,6 +93,57 @@ def test_n_stop_and_concurrent_clients(server, local):
                                                                       temperature=0).choices[0].message.content, asks))
     assert outs == [greedy(local, m, 12)[0] for m in asks]
 
+def test_logprobs_match_greedy_and_a_direct_computation(server, local):
+    import openai
+    model, tok, template = local
+    client = openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0)
+    ids, _ = M.render(tok, MSGS, template, prompt=True)
+    out = M.generate(model, [ids], max_new_tokens=8, temperature=0, eos_ids={M.eos_id(tok, template)})[0][0]["ids"]
+    want, n_new, seq = tok.decode(out, skip_special_tokens=True), len(out), ids + out
+    r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8, temperature=0, logprobs=True, top_logprobs=5)
+    c = r.choices[0]
+    content = c.logprobs.content
+    assert c.message.content == want and len(content) == n_new + (c.finish_reason == "stop")  # + the EOS entry
+    chatml = M.TEMPLATES["chatml"]["eos"]
+    for j, e in enumerate(content):  # each position on its own: a separate forward of the prefix
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([seq[:len(ids) + j]]))[-1].float(), -1)
+        v, i = lp.topk(5)
+        assert len(e.top_logprobs) == 5 and e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob
+        assert [t.logprob for t in e.top_logprobs] == pytest.approx(v.tolist(), abs=1e-4)
+        assert [bytes(t.bytes).decode(errors="replace") for t in e.top_logprobs] == [tok.decode([k]) for k in i.tolist()]
+        assert e.logprob == pytest.approx(float(lp[seq[len(ids) + j]] if j < n_new else lp[M.eos_id(tok, "chatml")]), abs=1e-4)
+    assert b"".join(bytes(e.bytes) for e in content[:n_new]).decode(errors="replace") == want  # random bytes: maybe not UTF-8
+    if c.finish_reason == "stop":
+        assert content[-1].token == chatml
+    plain = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=3, logprobs=True)
+    assert plain.choices[0].logprobs.content[0].top_logprobs == []  # top_logprobs defaults to 0
+    assert client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=3).choices[0].logprobs is None
+
+def test_logprobs_follow_rows_through_eos_and_compaction(local):
+    model, tok, template = local
+    ids, _ = M.render(tok, MSGS, template, prompt=True)
+    eos, stale = set(range(0, len(tok), 16)), []  # a 16th of the vocabulary ends a sample: rows end at different steps
+
+    class Counting(chat.Logprobs):
+        def on_logits(self, rows, logits):  # rows ended at an EOS but not yet compacted away (16 rows: an eighth is 2)
+            stale.extend(r for r in rows if self.seen[r] > len(self.content[r]))
+            super().on_logits(rows, logits)
+    lps = Counting(16, 3, chat.token_bytes(tok))
+    outs = M.generate(model, [ids], n=16, max_new_tokens=6, temperature=1.5, eos_ids=eos, on_token=lps.on_token,
+                      on_logits=lps.on_logits, generator=torch.Generator().manual_seed(1))[0]
+    reasons = [o["finish_reason"] for o in outs]
+    assert "eos" in reasons and "length" in reasons and stale
+    for i, o in enumerate(outs):
+        content = lps.result(i, eos if o["finish_reason"] == "eos" else ())["content"]
+        assert len(content) == len(o["ids"]) + (o["finish_reason"] == "eos")
+        for j, e in enumerate(content):
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids + o["ids"][:j]]))[-1].float(), -1)
+            t = o["ids"][j] if j < len(o["ids"]) else max(eos, key=lambda k: lp[k])  # the EOS entry: the likeliest EOS
+            assert e["logprob"] == pytest.approx(float(lp[t]), abs=1e-4) and bytes(e["bytes"]) == chat.token_bytes(tok)(t)
+            assert [x["logprob"] for x in e["top_logprobs"]] == pytest.approx(lp.topk(3).values.tolist(), abs=1e-4)
+
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"model": "x"}', b'{"messages": "hi"}',
                                   b'{"messages": [{"role": "wizard", "content": "hi"}]}',
                                   b'{"messages": [{"role": "user", "content": 3}]}',
@@ -100,7 +151,12 @@ def test_n_stop_and_concurrent_clients(server, local):
                                   b'{"messages": [{"role": "user", "content": "hi"}], "n": 0}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "stop": [1]}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": true}',
-                                  b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": "yes"}'])
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": "yes"}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": 21}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "top_logprobs": -1}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": true, "stream": true}'])
 def test_bad_request_is_400(server, body):
     req = urllib.request.Request(server[1] + "/chat/completions", data=body, headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
@@ -127,6 +183,15 @@ def test_stream_handles_split_utf8_and_stop_prefixes(bpe_tokenizer):
     s = chat.Stream(bpe_tokenizer, stop=["本語 🎉"])
     pieces = [s.push(i) for i in ids] + [s.finish()]
     assert "".join(pieces) == s.text == "héllo 日" and not any("本" in p for p in pieces)
+
+def test_token_bytes_rebuild_the_text(sp_tokenizer, bpe_tokenizer):
+    text = "the cat héllo 日本語 🎉"
+    for tok, lead in ((sp_tokenizer, " "), (bpe_tokenizer, "")):  # SentencePiece prefixes a space (▁)
+        tb = chat.token_bytes(tok)
+        ids = tok.encode(text, add_special_tokens=False)
+        assert b"".join(tb(i) for i in ids).decode() == lead + text
+        assert any(len(tb(i).decode(errors="replace")) != len(tb(i).decode(errors="ignore")) for i in ids)  # split characters
+    assert chat.token_bytes(bpe_tokenizer)(bpe_tokenizer.convert_tokens_to_ids("<|im_end|>")) == b"<|im_end|>"
 
 def test_repl_over_stdin(tiny_vicuna, sp_tokenizer):
     script = "hello world\ntell me about math\n/system you are a cat\nhello world\n/reset\nhello world\n/exit\nnever asked\n"
