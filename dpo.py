@@ -297,10 +297,7 @@ def train(cfg):
             return {k: v / s["n"] for k, v in s.items() if k != "n"}
     M.fit(cfg, model, plan, lambda m, mb: pair_terms(cfg, m, ex, mb["idx"], ref), eval_fn, dist_info)
     del ref
-    sd = M.full_state_dict(model)
-    if rank == 0:
-        M.save_checkpoint(cfg.out, {k: v.to(dtype) for k, v in sd.items()}, model.cfg, tok, template)
-        print(f"saved {cfg.out} (chat with: python chat.py --model {cfg.out})")
+    M.export(cfg, model, tok, template)
     return model
 
 def run():

@@ -885,6 +885,15 @@ def full_state_dict(model):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, StateDictOptions
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+def export(cfg, model, tok, template, extra=None, hint="chat with: python chat.py --model"):
+    """The trained model as an HF folder at cfg.out, in the run's dtype: gathered from all ranks,
+    written by rank 0."""
+    sd = full_state_dict(model)
+    rank, _, _, dtype = setup_dist(cfg)
+    if rank == 0:
+        save_checkpoint(cfg.out, {k: v.to(dtype) for k, v in sd.items()}, model.cfg, tok, template, extra)
+        print(f"saved {cfg.out} ({hint} {cfg.out})")
+
 def save_state(path, model, opt, step):
     """Resumable state (model, optimizer, step, RNG) with torch.distributed.checkpoint: each rank
     writes its own shards, so nothing is gathered on rank 0. Written aside, then renamed."""

@@ -99,11 +99,7 @@ def train(cfg, conversations, eval_conversations=None):
                                                               "n": sum(sum(ev[i][1][1:]) for i in idx)}, dist_info)
             return {"loss": s["nll"] / s["n"]}
     M.fit(cfg, model, plan, lambda m, mb: (sft_loss(m, examples, mb["idx"]), {}), eval_fn, dist_info)
-    sd = M.full_state_dict(model)
-    if rank == 0:
-        dtype = M.setup_dist(cfg)[3]
-        M.save_checkpoint(cfg.out, {k: v.to(dtype) for k, v in sd.items()}, model.cfg, tok, template)
-        print(f"saved {cfg.out} (chat with: python chat.py --model {cfg.out})")
+    M.export(cfg, model, tok, template)
     return model
 
 def run():

@@ -209,12 +209,8 @@ def train(cfg, pairs, eval_pairs=None):
     # The reward statistics later stages normalize with: on the held-out pairs, else on the training pairs
     final = (eval_fn or make_eval(pairs, toks, cfg, dist_info))(model)
     log(f"{'eval' if eval_fn else 'train'} (final): " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
-    sd = M.full_state_dict(model)
-    if rank == 0:
-        dtype = M.setup_dist(cfg)[3]
-        M.save_checkpoint(cfg.out, {k: v.to(dtype) for k, v in sd.items()}, model.cfg, tok, template,
-                          extra={"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]})
-        print(f"saved {cfg.out} (score with: python sample.py --reward-model {cfg.out} ...)")
+    M.export(cfg, model, tok, template, extra={"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]},
+             hint="score with: python sample.py --reward-model")
     return model, final
 
 def run():
