@@ -1,14 +1,19 @@
 """
 DPO throughput and peak memory: dpo.py's training path (reference log-probs cached in a first pass, then
-model.fit over packed chosen+rejected micro-batches) against TRL's DPOTrainer at its best for memory
-(precompute_ref_log_probs, so it holds no reference model during training either; its fused LM head;
-padding_free is unavailable in TRL 1.16 and falls back to padding), on the same model (SmolLM2-135M
-from the bundled GGUF), the same pairs, max length, pairs per micro-batch, steps, optimizer, schedule and
-dtype, on this machine. Each trainer runs in its own subprocess, so peak RSS (ru_maxrss) is its own.
-tokens/s counts real (non-pad) tokens, over the steps after --warmup; the reference pass is timed apart.
+model.fit over packed chosen+rejected micro-batches) against TRL's DPOTrainer, on the same model
+(SmolLM2-135M from the bundled GGUF), the same pairs, max length, pairs per micro-batch, steps, schedule
+and dtype, on this machine. Sides:
+  ours      dpo.py as it comes: torch AdamW (fused), grad clipping 1.0
+  lowmem    dpo.py --optim adamw-lowmem --grad-clip 0: AdamW stepped in backward, bf16 moments
+  trl       DPOTrainer at its best for memory: precompute_ref_log_probs (no reference model in training)
+  trl-live  DPOTrainer's default: a reference model held and run beside the policy
+Both sides use activation checkpointing by default (TRL's DPOConfig default; --no-grad-ckpt: neither).
+TRL 1.16's padding_free falls back to padding. Each trainer runs in its own subprocess, so peak RSS
+(ru_maxrss) is its own. tokens/s counts real (non-pad) tokens, over the steps after --warmup; the
+reference pass is timed apart.
 
     pip install trl==1.16.0   # the bench only; nothing else imports trl
-    python bench/bench_dpo.py --pairs 64 --pairs-per-batch 4 --steps 12 --dtypes float32 bfloat16
+    python bench/bench_dpo.py --pairs 16 --pairs-per-batch 4 --steps 3 --warmup 1 --dtypes float32
 """
 import json, os, random, resource, shutil, subprocess, sys, time
 from dataclasses import dataclass, field
@@ -26,10 +31,9 @@ class Config:
     steps: int = 12  # optimizer steps, each one micro-batch
     warmup: int = 2  # first steps left out of tokens/s (allocator warmup, lazy init)
     dtypes: list = field(default_factory=lambda: ["float32", "bfloat16"])  # float32, and bfloat16 autocast over fp32 weights
-    sides: list = field(default_factory=lambda: ["ours", "trl"])  # which trainers to run
-    grad_ckpt: bool = False  # activation checkpointing on both sides (TRL's gradient_checkpointing, our --act-ckpt)
+    sides: list = field(default_factory=lambda: ["ours", "lowmem", "trl", "trl-live"])  # which trainers to run (see above)
+    grad_ckpt: bool = True  # activation checkpointing on both sides (TRL's gradient_checkpointing, our --act-ckpt)
     trl_attn: str = "sdpa"  # TRL's attn_implementation (sdpa, eager, flash_attention_2)
-    trl_precompute: bool = True  # TRL's precompute_ref_log_probs (off: its default, a reference model held in training)
     lr: float = 5e-7  # peak lr, cosine decay, no warmup (both)
     seed: int = 0  # data and order
     child: str = ""  # internal: run one side (ours or trl) with --dtype and print its result
@@ -65,6 +69,8 @@ def run_ours(cfg, data, out):
     import dpo
     c = dpo.Config(model=cfg.model, data=[data], out=out, max_len=cfg.max_tokens, max_steps=cfg.steps + 1, epochs=100,
                    lr=cfg.lr, dtype=cfg.dtype, seed=cfg.seed, act_ckpt=cfg.grad_ckpt, log_every=1)
+    if cfg.child == "lowmem":
+        c.optim, c.grad_clip = "adamw-lowmem", 0.0
     model, tok, template, dist = M.prepare_model(c)
     ex, _, _ = dpo.tokenize(dpo.load_pairs(c.data, c)[0], tok, template, c.max_len)
     P, plan, ref_batches = cfg.pairs_per_batch, [], None  # fixed pairs per micro-batch (TRL's batch size)
@@ -102,7 +108,7 @@ def run_trl(cfg, data, out):
                      warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
                      optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cfg.dtype == "bfloat16",
                      gradient_checkpointing=cfg.grad_ckpt, use_cpu=not cuda, beta=0.1, loss_type=["sigmoid"],
-                     precompute_ref_log_probs=cfg.trl_precompute, precompute_ref_batch_size=cfg.pairs_per_batch, logging_steps=1,
+                     precompute_ref_log_probs=cfg.child == "trl", precompute_ref_batch_size=cfg.pairs_per_batch, logging_steps=1,
                      save_strategy="no", report_to="none", seed=cfg.seed, disable_tqdm=True, dataloader_num_workers=0)
     tokens, ends, losses = [], [], []
 
@@ -136,7 +142,7 @@ def child(cfg):
     data, out = os.path.join(cfg.out, "data.jsonl"), os.path.join(cfg.out, f"{cfg.child}_{cfg.dtype}")
     shutil.rmtree(out, ignore_errors=True)  # no cached reference log-probs from an earlier run
     os.environ["HF_DATASETS_CACHE"] = os.path.join(out, "hf_datasets")  # nor TRL's
-    res = (run_ours if cfg.child == "ours" else run_trl)(cfg, data, out)
+    res = (run_trl if cfg.child.startswith("trl") else run_ours)(cfg, data, out)
     res = peak_memory() | res  # ours reports its peak before the final save
     print("RESULT " + json.dumps(res), flush=True)
 
@@ -167,13 +173,15 @@ def main():
                 print(f"{side} {dtype} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
                 continue
             results[(side, dtype)] = r = json.loads(line[-1][7:])
-            print(f"{side:5s} {dtype:9s} {r['tokens_per_s']:9.0f} tokens/s  peak RSS {r['peak_rss_gb']:.2f} GiB  "
+            print(f"{side:8s} {dtype:9s} {r['tokens_per_s']:9.0f} tokens/s  peak RSS {r['peak_rss_gb']:.2f} GiB  "
                   f"peak CUDA {r['peak_cuda_gb']:.2f} GiB  reference pass {r['ref_pass_s']:.1f} s  "
                   f"{r['tokens_per_step']:.0f} tokens/step  loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}", flush=True)
-        if ("ours", dtype) in results and ("trl", dtype) in results:
-            o, t = results[("ours", dtype)], results[("trl", dtype)]
-            print(f"{dtype}: ours/TRL tokens/s {o['tokens_per_s'] / t['tokens_per_s']:.2f}x (target >= 1.5x), "
-                  f"peak memory ({mem}) {o[mem] / t[mem]:.2f}x (target <= 0.6x)", flush=True)
+        for a in ("ours", "lowmem"):
+            for b in ("trl", "trl-live"):
+                if (a, dtype) in results and (b, dtype) in results:
+                    o, t = results[(a, dtype)], results[(b, dtype)]
+                    print(f"{dtype}: {a}/{b} tokens/s {o['tokens_per_s'] / t['tokens_per_s']:.2f}x (target >= 1.5x), "
+                          f"peak memory ({mem}) {o[mem] / t[mem]:.2f}x (target <= 0.6x)", flush=True)
     json.dump([{"side": s, "dtype": d} | r for (s, d), r in results.items()], open(os.path.join(cfg.out, "results.json"), "w"), indent=2)
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import json, os
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from conftest import M, TINY, make_checkpoint, write_jsonl
 
@@ -169,3 +170,30 @@ def test_done_ids_drops_torn_line(tmp_path):
     p = tmp_path / "o.jsonl"
     p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "x":')
     assert M.done_ids(str(p)) == {"a", "b"} and p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+
+def test_adamw_lowmem_tracks_adamw():
+    """AdamWLowMem: bf16 moments with unbiased stochastic rounding, stepped from backward hooks with the
+    gradient freed, stays on torch AdamW's trajectory; its state has torch's names and half the bytes."""
+    x = torch.full((100000,), 1.0 + 2 ** -9)  # a quarter of the way from bf16's 1.0 to 1.0 + 2^-7
+    r = M.bf16_stochastic(x, torch.randint(0, 1 << 16, x.shape, dtype=torch.int32)).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0 + 2 ** -7} and abs(r.mean().item() - x[0].item()) < 1e-4
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    X, Y = torch.randn(256, 32), torch.randn(256, 4)
+    a, b = make(), make()
+    oa = torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.01)
+    ob = M.AdamWLowMem(b.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, chunk=1000)
+    for _ in range(200):
+        la = F.mse_loss(a(X), Y)
+        la.backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(a.parameters(), float("inf")).item()
+        oa.step()
+        oa.zero_grad()
+        F.mse_loss(b(X), Y).backward()
+        assert all(p.grad is None for p in b.parameters())  # stepped and freed inside backward
+        assert ob.grad_norm() == pytest.approx(ref_norm, rel=0.05)
+    assert F.mse_loss(b(X), Y).item() == pytest.approx(F.mse_loss(a(X), Y).item(), rel=0.02) and la.item() < 0.5
+    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 0.05
+    st = ob.state[b[0].weight]
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.bfloat16 and int(st["step"]) == 200
