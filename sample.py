@@ -156,7 +156,7 @@ def run(argv=None):
     if "RANK" in os.environ and not dist.is_initialized():  # gloo just for barriers, with room for ranks finishing hours apart
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
     rank, world, device, dtype = M.setup_dist(cfg)
-    if cfg.dtype == "auto" and device.type == "cpu" and "avx512_bf16" in open("/proc/cpuinfo").read():
+    if cfg.dtype == "auto" and device.type == "cpu" and M.native_bf16():
         dtype = torch.bfloat16  # native bf16 matmuls: about twice the fp32 speed for these shapes
     if rank == 0:
         print(json.dumps(dataclasses.asdict(cfg) | {"world": world, "dtype": str(dtype)}))
@@ -232,8 +232,7 @@ def run(argv=None):
         print(f"sampled {int(sampled)} prompts ({len(prompts) - int(sampled)} were done already), {int(tokens)} tokens "
               f"in {dt:.1f}s: {tokens / max(dt, 1e-9):.1f} tokens/s over {world} rank(s); "
               f"peak memory {M.peak_memory_gb(device):.2f} GB (rank 0) -> {cfg.out}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    M.finish()  # a barrier, then destroy: a rank tearing gloo down while another still merges can abort
 
 if __name__ == "__main__":
     M.main(run)

@@ -30,7 +30,7 @@ class Config:
     pairs_per_batch: int = 4  # pairs per micro-batch (TRL's per_device_train_batch_size)
     steps: int = 12  # optimizer steps, each one micro-batch
     warmup: int = 2  # first steps left out of tokens/s (allocator warmup, lazy init)
-    dtypes: list = field(default_factory=lambda: ["float32", "bfloat16"])  # float32, and bfloat16 autocast over fp32 weights
+    dtypes: list = field(default_factory=lambda: ["float32"] + ["bfloat16"] * M.native_bf16())  # and bf16 autocast over fp32 weights where the CPU has native bf16
     sides: list = field(default_factory=lambda: ["ours", "lowmem", "trl", "trl-live"])  # which trainers to run (see above)
     grad_ckpt: bool = True  # activation checkpointing on both sides (TRL's gradient_checkpointing, our --act-ckpt)
     trl_attn: str = "sdpa"  # TRL's attn_implementation (sdpa, eager, flash_attention_2)

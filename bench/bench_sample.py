@@ -131,7 +131,7 @@ def main():
     cfg = M.parse_config(Config)
     cfg.model = cfg.model or M.default_model()
     if cfg.dtype == "auto":
-        cfg.dtype = "bfloat16" if "avx512_bf16" in open("/proc/cpuinfo").read() else "float32"
+        cfg.dtype = "bfloat16" if M.native_bf16() else "float32"
     if cfg.child:
         return child(cfg)
     from transformers import AutoTokenizer

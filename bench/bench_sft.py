@@ -26,7 +26,7 @@ class Config:
     batch_tokens: int = 4096  # tokens per micro-batch (sft.py's default): ours --batch-tokens, TRL's packed max_length
     steps: int = 8  # optimizer steps, each one micro-batch
     warmup: int = 2  # first steps left out of tokens/s (allocator warmup, lazy init)
-    dtypes: list = field(default_factory=lambda: ["float32", "bfloat16"])  # float32, and bfloat16 autocast over fp32 weights
+    dtypes: list = field(default_factory=lambda: ["float32"] + ["bfloat16"] * M.native_bf16())  # and bf16 autocast over fp32 weights where the CPU has native bf16
     sides: list = field(default_factory=lambda: ["ours", "trl-bfd", "trl-padded"])  # which trainers to run
     trl_attn: str = "sdpa"  # TRL's attn_implementation (sdpa or eager; flex_attention has no backward on CPU)
     trl_optim: str = "adamw_torch_fused"  # TRL's optim (adamw_torch_fused, adamw_torch)

@@ -55,6 +55,32 @@ def test_packed_equals_separate_and_kv_cache(tiny_vicuna):
         full = model(torch.tensor([d]))[9:]
         assert (torch.stack(steps) - full).abs().max() <= 1e-5
 
+def test_chunked_logprobs_equal_full_logits():
+    """The chunked log-probs and their hand-written backward equal autograd through full logits, across
+    several chunks, with ignored (-100) targets, with no target at all, and under bf16 autocast."""
+    torch.manual_seed(0)
+    w = (torch.randn(1000, 32) * 0.1).requires_grad_(True)
+    h = torch.randn(300, 32, requires_grad=True)
+    t = torch.randint(0, 1000, (300,))
+    t[::4] = -100
+    g = torch.randn(300)
+    for autocast, tol in [(False, 1e-5), (True, 2e-2)]:
+        outs = []
+        for chunked in (True, False):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                lp = M.chunked_logprobs(h, w, t, chunk=64) if chunked else \
+                    torch.where(t >= 0, -F.cross_entropy(F.linear(h, w).float(), t.clamp(min=0), reduction="none"), 0.0)
+            (lp * g).sum().backward()
+            outs.append((lp.detach(), h.grad, w.grad))
+            h.grad = w.grad = None
+        (a, ha, wa), (b, hb, wb) = outs
+        assert a.dtype == torch.float32 and ha.dtype == wa.dtype == torch.float32 and (a[::4] == 0).all()
+        for x, y in [(a, b), (ha, hb), (wa, wb)]:
+            assert (x - y).abs().max() <= tol * y.abs().max()
+    lp = M.chunked_logprobs(h, w, torch.full((300,), -100))  # nothing to score: zeros, and a graph all the same
+    lp.sum().backward()
+    assert (lp == 0).all() and (h.grad == 0).all() and (w.grad == 0).all()
+
 def test_rows_of_different_lengths_in_one_cache(tiny_vicuna):
     model, _, _ = M.load_model(tiny_vicuna)
     a, b = [5, 6, 7, 8, 9, 10], [11, 12, 13]
