@@ -20,7 +20,7 @@ class Config:
     prompt: str = "Write a short story about a robot who learns to paint."  # the user message
     max_new_tokens: int = 128  # tokens generated per run (EOS ignored)
     repeats: int = 3  # timed runs per side (the best is reported), after one warmup
-    dtypes: list = field(default_factory=lambda: ["float32", "bfloat16"])  # weight/activation dtypes to compare
+    dtypes: list = field(default_factory=lambda: ["float32"] + ["bfloat16"] * M.native_bf16())  # weight/activation dtypes to compare (bf16 where the CPU has it)
     sides: list = field(default_factory=lambda: ["ours", "hf"])  # which implementations to run
     threads: int = 0  # torch threads (0: torch's default, one per core)
     child: str = ""  # internal: run one side and print its result as JSON

@@ -10,10 +10,11 @@ and dtype, on this machine. Sides:
 Both sides use activation checkpointing by default (TRL's DPOConfig default; --no-grad-ckpt: neither).
 TRL 1.16's padding_free falls back to padding. Each trainer runs in its own subprocess, so peak RSS
 (ru_maxrss) is its own. tokens/s counts real (non-pad) tokens, over the steps after --warmup; the
-reference pass is timed apart.
+reference pass is timed apart. model.py backs large CPU tensors with huge pages (THP_MEM_ALLOC_ENABLE=1),
+and every side imports it: all run with the same allocator (THP_MEM_ALLOC_ENABLE=0: all without).
 
     pip install trl==1.16.0   # the bench only; nothing else imports trl
-    python bench/bench_dpo.py --pairs 16 --pairs-per-batch 4 --steps 3 --warmup 1 --dtypes float32
+    python bench/bench_dpo.py --pairs 16 --pairs-per-batch 4 --steps 4 --warmup 1   # ~20 min on 2 cores
 """
 import json, os, random, resource, shutil, subprocess, sys, time
 from dataclasses import dataclass, field
