@@ -38,7 +38,7 @@ either file; --retry-failed judges the failed ones again. --report reads both fi
 import json, math, os, random, re, sys, threading, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, asdict
-import model as M
+import data as D
 
 @dataclass
 class AnnotateConfig:
@@ -173,26 +173,26 @@ def parse_record(where, rec, n):
     sample.py writes them); AlpacaEval's {"instruction", "output"} records are read too."""
     rid = rec.get("id")
     if not isinstance(rid, str) or not rid:
-        raise M.DataError(f"{where}: needs a string 'id'")
+        raise D.DataError(f"{where}: needs a string 'id'")
     if "messages" not in rec and isinstance(rec.get("instruction"), str):
         rec = rec | {"messages": [{"role": "user", "content": rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")}]}
-    msgs = M.get_messages(rec, where, prompt=True)
+    msgs = D.get_messages(rec, where, prompt=True)
     rs = rec.get("responses", [rec["output"]] if "output" in rec else None)
     rs = [r.get("content") if isinstance(r, dict) else r for r in rs] if isinstance(rs, list) else []
     if len(rs) < n or not all(isinstance(r, str) for r in rs[:n]):
-        raise M.DataError(f"{where}: 'responses' must list {'two responses' if n == 2 else 'a response'} (strings or {{'content': ...}})")
+        raise D.DataError(f"{where}: 'responses' must list {'two responses' if n == 2 else 'a response'} (strings or {{'content': ...}})")
     return rid, msgs, rs[:n]
 
 def load_pairs(cfg):
     def records(paths, n):
         out, skipped = {}, 0
-        for where, rec in M.read_records(paths):
+        for where, rec in D.read_records(paths):
             try:
                 rid, msgs, rs = parse_record(where, rec, n)
                 if rid in out:
-                    raise M.DataError(f"{where}: duplicate id {rid!r}")
+                    raise D.DataError(f"{where}: duplicate id {rid!r}")
                 out[rid] = msgs, rs
-            except M.DataError:
+            except D.DataError:
                 if not cfg.skip_bad:
                     raise
                 skipped += 1
@@ -356,11 +356,11 @@ def report(out):
     recs = {}
     for path in (out, other_path(out)):
         if os.path.exists(path) and os.path.getsize(path):
-            for _, r in M.read_jsonl(path):
+            for _, r in D.read_jsonl(path):
                 if r.get("status") != "failed" or r["id"] not in recs:  # a retried failure is superseded
                     recs[r["id"]] = r
     if not os.path.exists(out):
-        raise M.DataError(f"{out}:0: no such file")
+        raise D.DataError(f"{out}:0: no such file")
     x, counts = [], {"A": 0, "B": 0, "tie": 0, "inconsistent": 0, "failed": 0}
     consistent = both = 0
     for r in recs.values():
@@ -392,7 +392,7 @@ def print_report(out):
 # ----------------------------------------------------------------------------------------------------
 
 def run():
-    cfg = M.parse_config(AnnotateConfig)
+    cfg = D.parse_config(AnnotateConfig)
     if cfg.report:
         return print_report(cfg.report)
     if cfg.inconsistent not in ("tie", "drop"):
@@ -402,11 +402,11 @@ def run():
     log(json.dumps(asdict(cfg)))
     pairs = load_pairs(cfg)
     other = other_path(cfg.out)
-    done, done_other, failed = M.done_ids(cfg.out), M.done_ids(other), set()  # (drops a torn last line)
+    done, done_other, failed = D.truncate_torn(cfg.out), D.truncate_torn(other), set()  # (drops a torn last line)
     if done_other:
-        failed = {r["id"] for _, r in M.read_jsonl(other) if r.get("status") == "failed"}
+        failed = {r["id"] for _, r in D.read_jsonl(other) if r.get("status") == "failed"}
     if failed and cfg.retry_failed:  # rewrite the side file without them (temp + rename: a kill loses nothing)
-        keep = [r for _, r in M.read_jsonl(other) if r.get("status") != "failed"]
+        keep = [r for _, r in D.read_jsonl(other) if r.get("status") != "failed"]
         with open(other + ".tmp", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in keep)
         os.replace(other + ".tmp", other)
@@ -449,4 +449,4 @@ def run():
     print_report(cfg.out)
 
 if __name__ == "__main__":
-    M.main(run)
+    D.run_main(run)

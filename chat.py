@@ -11,6 +11,7 @@ may ask for `logprobs` / `top_logprobs` (OpenAI's shape), which annotate.py --ve
 import json, os, random, re, sys, threading, time, traceback, uuid
 from dataclasses import dataclass
 import torch
+import data as D
 import model as M
 
 @dataclass
@@ -73,7 +74,7 @@ def load(cfg):
     model, tok, template = M.load_model(path, device=device, dtype=dtype)
     template = M.get_template(tok, "", cfg.template) if cfg.template else template
     cfg_eos = model.cfg.eos_token_id
-    eos = {M.eos_id(tok, template)} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]) - {None}
+    eos = {D.eos_id(tok, template)} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]) - {None}
     name = os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
     return model, tok, template, eos, name
 
@@ -82,7 +83,7 @@ def conversation(system, history):
 
 def reply(cfg, model, tok, template, eos, messages, write, generator):
     """Generate one answer to `messages`, streaming its text through write(). Returns the text."""
-    ids, _ = M.render(tok, messages, template, prompt=True)
+    ids, _ = D.render(tok, messages, template, prompt=True)
     stream, times = Stream(tok), [time.perf_counter()]
 
     def on_token(row, t):
@@ -126,7 +127,7 @@ def repl(cfg, model, tok, template, eos, generator):
             continue
         history.append({"role": "user", "content": line})
         limit = model.cfg.max_position_embeddings - cfg.max_new_tokens
-        while len(history) > 1 and len(M.render(tok, conversation(system, history), template, prompt=True)[0]) > limit:
+        while len(history) > 1 and len(D.render(tok, conversation(system, history), template, prompt=True)[0]) > limit:
             history = history[2:]  # the context is full: forget the oldest exchange
         try:
             text = reply(cfg, model, tok, template, eos, conversation(system, history), write, generator)
@@ -176,7 +177,7 @@ def parse_request(body, cfg):
         role = "system" if m.get("role") == "developer" else m.get("role")
         messages.append({"role": role, "content": content})
     try:
-        M.check_messages(messages, prompt=True)
+        D.check_messages(messages, prompt=True)
     except ValueError as e:
         raise BadRequest(f"messages: {e}") from None
     stop = req.get("stop") or []
@@ -297,7 +298,7 @@ def serve(cfg, model, tok, template, eos, name):
             self.started = False
             try:
                 req = parse_request(body, cfg)
-                ids, _ = M.render(tok, req["messages"], template, prompt=True)
+                ids, _ = D.render(tok, req["messages"], template, prompt=True)
                 room = model.cfg.max_position_embeddings - len(ids)
                 if room < 1:
                     raise BadRequest(f"the prompt has {len(ids)} tokens; the context is {model.cfg.max_position_embeddings}")
@@ -379,7 +380,7 @@ def serve(cfg, model, tok, template, eos, name):
         server.server_close()
 
 def run():
-    cfg = M.parse_config(ChatConfig)
+    cfg = D.parse_config(ChatConfig)
     try:
         model, tok, template, eos, name = load(cfg)
     except ValueError as e:  # an unknown template, a vocabulary without the template's EOS, ...
@@ -399,4 +400,4 @@ def run():
     repl(cfg, model, tok, template, eos, generator)
 
 if __name__ == "__main__":
-    M.main(run)
+    D.run_main(run)

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+import data as D
 import model as M
+import training as T
 
 @dataclass
-class Config(M.TrainConfig):
+class Config(T.TrainConfig):
     lr: float = 5e-7  # peak learning rate (the DPO paper's)
     epochs: int = 1  # passes over the pairs
     ref_model: str = ""  # reference checkpoint (default: --model, the starting point)
@@ -58,34 +60,34 @@ def as_reply(value, prompt, where, side):
     if isinstance(value, str):
         return prompt(), value
     if not isinstance(value, list):
-        raise M.DataError(f"{where}: '{side}' must be a string or a list of messages")
-    msgs = M.get_messages({"messages": value}, f"{where}: '{side}'")
+        raise D.DataError(f"{where}: '{side}' must be a string or a list of messages")
+    msgs = D.get_messages({"messages": value}, f"{where}: '{side}'")
     return msgs[:-1], msgs[-1]["content"]
 
 def record_pairs(rec, where, cfg, counts):
     rid = str(rec.get("id", where))
     if "responses" not in rec:  # a preference pair
         if "chosen" not in rec or "rejected" not in rec:
-            raise M.DataError(f"{where}: expected 'responses' (an Xwin-Set record) or 'chosen' and 'rejected' (a pair)")
+            raise D.DataError(f"{where}: expected 'responses' (an Xwin-Set record) or 'chosen' and 'rejected' (a pair)")
         p = rec.get("prompt")
         prompt = lambda: [{"role": "user", "content": p}] if isinstance(p, str) else \
-            M.get_messages({"messages": p} if isinstance(p, list) else rec, where, prompt=True)
+            D.get_messages({"messages": p} if isinstance(p, list) else rec, where, prompt=True)
         (pc, c), (pr, r) = as_reply(rec["chosen"], prompt, where, "chosen"), as_reply(rec["rejected"], prompt, where, "rejected")
         if pc != pr:
-            raise M.DataError(f"{where}: chosen and rejected continue different conversations")
+            raise D.DataError(f"{where}: chosen and rejected continue different conversations")
         if c == r:
-            raise M.DataError(f"{where}: chosen and rejected are identical")
+            raise D.DataError(f"{where}: chosen and rejected are identical")
         return [{"id": rid, "messages": pc, "chosen": c, "rejected": r}]
     resp = rec["responses"]
     if not isinstance(resp, list) or len(resp) < 2:
-        raise M.DataError(f"{where}: needs at least two responses to make a pair, got {len(resp) if isinstance(resp, list) else 0}")
+        raise D.DataError(f"{where}: needs at least two responses to make a pair, got {len(resp) if isinstance(resp, list) else 0}")
     for i, x in enumerate(resp):
         if not isinstance(x, dict) or not isinstance(x.get("content"), str):
-            raise M.DataError(f"{where}: response {i} needs a string 'content'")
+            raise D.DataError(f"{where}: response {i} needs a string 'content'")
         rw = x.get("reward")
         if isinstance(rw, bool) or not isinstance(rw, (int, float)) or not math.isfinite(rw):
-            raise M.DataError(f"{where}: response {i} has no numeric 'reward' (score the set: sample.py --reward-model)")
-    prompt = M.get_messages(rec, where, prompt=True)
+            raise D.DataError(f"{where}: response {i} has no numeric 'reward' (score the set: sample.py --reward-model)")
+    prompt = D.get_messages(rec, where, prompt=True)
     best, cands = rejected_candidates(resp, cfg.pairs, cfg.seed, rid)
     out = []
     for i in cands[:cfg.pairs_per_prompt]:
@@ -104,10 +106,10 @@ def load_pairs(paths, cfg):
     if not re.fullmatch(r"worst|random|mu-2sigma|rank:\d+", cfg.pairs) or cfg.pairs in ("rank:0", "rank:1"):
         raise SystemExit(f"error: --pairs {cfg.pairs}: expected worst, random, rank:K (K >= 2) or mu-2sigma")
     pairs, counts = [], collections.Counter()
-    for where, rec in M.read_records(paths, cfg.split):
+    for where, rec in D.read_records(paths, cfg.split):
         try:
             pairs += record_pairs(rec, where, cfg, counts)
-        except M.DataError:
+        except D.DataError:
             if not cfg.skip_bad:
                 raise
             counts["bad records (--skip-bad)"] += 1
@@ -121,7 +123,7 @@ def tokenize(pairs, tok, template, max_len):
     for p in pairs:
         e = []
         for reply in (p["chosen"], p["rejected"]):
-            ids, mask = M.render(tok, p["messages"] + [{"role": "assistant", "content": reply}], template)
+            ids, mask = D.render(tok, p["messages"] + [{"role": "assistant", "content": reply}], template)
             start = len(mask) - mask[::-1].index(0)  # the trailing run of masked tokens
             tgt = [-100] * (start - 1) + ids[start:] + [-100]
             if len(ids) > max_len:  # keep the start, as TRL does
@@ -142,7 +144,7 @@ def seq_logps(model, ex, idx):
     forward. Summed per sequence with split (not index_add, whose atomics on CUDA are not deterministic)."""
     dev = model.model.embed_tokens.weight.device
     seqs = [ex[i][0] for i in idx] + [ex[i][2] for i in idx]
-    ids, cu = M.pack(seqs, dev)
+    ids, cu = D.pack(seqs, dev)
     targets = torch.tensor([t for i in idx for t in ex[i][1]] + [t for i in idx for t in ex[i][3]], device=dev)
     lp = model(ids, cu_seqlens=cu, targets=targets)
     s = torch.stack([x.sum() for x in lp.split([len(q) for q in seqs])])
@@ -210,7 +212,7 @@ def reference_logps(ref, ex, batches, dist_info):
     return out.float().cpu()
 
 def load_reference(cfg):
-    ref = M.prepare_model(dataclasses.replace(cfg, model=cfg.ref_model or cfg.model))[0]
+    ref = T.prepare_model(dataclasses.replace(cfg, model=cfg.ref_model or cfg.model))[0]
     return ref.requires_grad_(False).eval()
 
 def cached_reference(cfg, model, ex, ids, batches, dist_info, dtype, log):
@@ -224,7 +226,7 @@ def cached_reference(cfg, model, ex, ids, batches, dist_info, dtype, log):
         with safe_open(path, "pt") as f:
             if f.metadata().get("fingerprint") == fp:
                 ref = torch.stack([f.get_tensor("chosen"), f.get_tensor("rejected")])
-    if M.all_sum([ref is not None], dev)[0] == world:  # every rank found it (no shared disk: all recompute)
+    if T.all_sum([ref is not None], dev)[0] == world:  # every rank found it (no shared disk: all recompute)
         log(f"reference log-probs: reusing {path}")
         return ref
     same = cfg.ref_model in ("", cfg.model)
@@ -248,7 +250,7 @@ def plan_batches(ex, cfg, epochs, seed, offset=0, shuffle=True):
     lengths = [len(e[0]) + len(e[2]) for e in ex]
     plan = []
     for epoch in range(epochs):
-        for idx in M.make_batches(lengths, cfg.batch_tokens, seed + epoch, shuffle):
+        for idx in D.make_batches(lengths, cfg.batch_tokens, seed + epoch, shuffle):
             plan.append({"idx": [i + offset for i in idx], "tokens": sum(lengths[i] for i in idx), "docs": 2 * len(idx), "count": len(idx)})
     return plan
 
@@ -262,9 +264,9 @@ def train(cfg):
         random.Random(cfg.seed).shuffle(pairs)
         k = max(1, int(len(pairs) * cfg.eval_frac))
         pairs, eval_pairs = pairs[k:], pairs[:k]
-    model, tok, template, dist_info = M.prepare_model(cfg)
+    model, tok, template, dist_info = T.prepare_model(cfg)
     rank, world, dev = dist_info
-    dtype = M.setup_dist(cfg)[3]
+    dtype = T.setup_dist(cfg)[3]
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"config: {cfg}")
     if rank == 0:  # the pairs trained on, for audit (and usable as --data)
@@ -293,19 +295,19 @@ def train(cfg):
             def fn(m, idx):
                 loss, stats = pair_terms(cfg, m, ex, idx, ref)
                 return stats | {"loss": float(loss), "n": len(idx)}
-            s = M.evaluate(model, ev_batches, fn, dist_info)
+            s = T.evaluate(model, ev_batches, fn, dist_info)
             return {k: v / s["n"] for k, v in s.items() if k != "n"}
-    M.fit(cfg, model, plan, lambda m, mb: pair_terms(cfg, m, ex, mb["idx"], ref), eval_fn, dist_info)
+    T.fit(cfg, model, plan, lambda m, mb: pair_terms(cfg, m, ex, mb["idx"], ref), eval_fn, dist_info)
     del ref
-    M.export(cfg, model, tok, template)
+    T.export(cfg, model, tok, template)
     return model
 
 def run():
-    cfg = M.parse_config(Config)
+    cfg = D.parse_config(Config)
     if not cfg.data:
         raise SystemExit("error: --data is required (an Xwin-Set JSONL, preference pairs, or a dataset name)")
     train(cfg)
-    M.finish()
+    T.barrier_and_destroy()
 
 if __name__ == "__main__":
-    M.main(run)
+    D.run_main(run)

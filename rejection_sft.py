@@ -11,7 +11,8 @@ with sft.py's train() (same packing, masks, schedule, FSDP2, resume).
 """
 import json, math, os
 from dataclasses import dataclass
-import model as M
+import data as D
+import training as T
 import sft
 
 @dataclass
@@ -26,17 +27,17 @@ class Config(sft.Config):
 def best_response(rec, where, n):
     """-> (prompt messages, index of the best of the first n responses, its content, its reward).
     Ties go to the earliest candidate, so a sweep over --n is reproducible."""
-    messages = M.get_messages(rec, where, prompt=True)
+    messages = D.get_messages(rec, where, prompt=True)
     responses = rec.get("responses")
     if not isinstance(responses, list) or not responses:
-        raise M.DataError(f"{where}: no responses (an Xwin-Set record needs 'responses': [{{content, reward}}, ...])")
+        raise D.DataError(f"{where}: no responses (an Xwin-Set record needs 'responses': [{{content, reward}}, ...])")
     cands = responses[:n] if n > 0 else responses
     for i, r in enumerate(cands):
         if not isinstance(r, dict) or not isinstance(r.get("content"), str):
-            raise M.DataError(f"{where}: response {i} needs a string 'content'")
+            raise D.DataError(f"{where}: response {i} needs a string 'content'")
         reward = r.get("reward")
         if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
-            raise M.DataError(f"{where}: response {i} has no numeric reward ({reward!r}); "
+            raise D.DataError(f"{where}: response {i} has no numeric reward ({reward!r}); "
                               "score the responses with sample.py --reward-model")
     best = max(range(len(cands)), key=lambda i: cands[i]["reward"])  # max() keeps the first of equals
     return messages, best, cands[best]["content"], float(cands[best]["reward"])
@@ -47,7 +48,7 @@ def select(records, cfg):
     for where, rec in records:
         try:
             messages, i, content, reward = best_response(rec, where, cfg.n)
-        except M.DataError as e:
+        except D.DataError as e:
             if not cfg.skip_bad:
                 raise
             bad, first_bad = bad + 1, first_bad or f" (first: {e})"
@@ -62,10 +63,10 @@ def select(records, cfg):
     return selected, {"bad": bad, "below_min_reward": low, "first_bad": first_bad}, sum(seen) / max(1, len(seen))
 
 def load_selected(paths, cfg, what):
-    records = M.read_records(paths, cfg.split)
+    records = D.read_records(paths, cfg.split)
     selected, counts, mean_all = select(records, cfg)
     if not selected:
-        raise M.DataError(f"{paths[0]}:0: no prompt left to train on ({counts['bad']} bad, "
+        raise D.DataError(f"{paths[0]}:0: no prompt left to train on ({counts['bad']} bad, "
                           f"{counts['below_min_reward']} below --min-reward {cfg.min_reward})")
     mean = sum(s["reward"] for s in selected) / len(selected)
     summary = (f"{what}: kept {len(selected)} of {len(records)} prompts (best of "
@@ -86,10 +87,10 @@ def write_selected(path, selected):
 # ----------------------------------------------------------------------------------------------------
 
 def run(argv=None):
-    cfg = M.parse_config(Config, argv)
+    cfg = D.parse_config(Config, argv)
     if not cfg.data:
         raise SystemExit("error: --data is required (an Xwin-Set JSONL: {id, messages, responses: [{content, reward}]})")
-    rank = M.setup_dist(cfg)[0]  # sft.train's prepare_model reuses the same process group
+    rank = T.setup_dist(cfg)[0]  # sft.train's prepare_model reuses the same process group
     selected, summary = load_selected(cfg.data, cfg, "selection")
     evals = None
     if cfg.eval_data:
@@ -101,7 +102,7 @@ def run(argv=None):
             print(ev_summary)
         write_selected(os.path.join(cfg.out, "selected.jsonl"), selected)
     sft.train(cfg, [(s["where"], s["messages"]) for s in selected], evals)
-    M.finish()
+    T.barrier_and_destroy()
 
 if __name__ == "__main__":
-    M.main(run)
+    D.run_main(run)

@@ -26,6 +26,7 @@ faster than float32; its next-token distributions differ from float32's by a mea
 import dataclasses, datetime, glob, hashlib, json, os, time
 from dataclasses import dataclass
 import torch
+import data as D
 import model as M
 
 @dataclass
@@ -57,16 +58,16 @@ class Config:
 
 def load_prompts(cfg):
     prompts, seen = [], set()
-    for where, rec in M.read_records(cfg.data, cfg.split):
+    for where, rec in D.read_records(cfg.data, cfg.split):
         rid = rec.get("id", rec.get("prompt_id"))
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-            raise M.DataError(f"{where}: a prompt needs an 'id' (string)")
+            raise D.DataError(f"{where}: a prompt needs an 'id' (string)")
         if str(rid) in seen:
-            raise M.DataError(f"{where}: duplicate id {rid!r}")
+            raise D.DataError(f"{where}: duplicate id {rid!r}")
         seen.add(str(rid))
         if "messages" not in rec and "conversations" not in rec and isinstance(rec.get("prompt"), str):
             rec = {"messages": [{"role": "user", "content": rec["prompt"]}]}  # hub sets with a bare prompt
-        prompts.append((where, str(rid), M.get_messages(rec, where, prompt=True)))
+        prompts.append((where, str(rid), D.get_messages(rec, where, prompt=True)))
     return prompts[:cfg.limit] if cfg.limit else prompts
 
 def seed_of(seed, rid):  # stable across runs and machines (Python's hash() is salted per process)
@@ -94,10 +95,10 @@ def merge(out):
     """Append the records of the shards OUT.rank* whose ids OUT lacks, then delete the shards (safe to
     redo after a kill; shards of any number of ranks)."""
     shards = sorted(glob.glob(glob.escape(out) + ".rank*"))
-    done = M.done_ids(out)
+    done = D.truncate_torn(out)
     with open(out, "a", encoding="utf-8") as f:
         for s in shards:
-            M.done_ids(s)  # drops a torn last line
+            D.truncate_torn(s)  # drops a torn last line
             for line in open(s, encoding="utf-8"):
                 rid = json.loads(line)["id"]
                 if rid not in done:
@@ -147,7 +148,7 @@ def dedupe(responses, resample, tries):
 def run(argv=None):
     import torch.distributed as dist
     from tqdm import tqdm
-    cfg = M.parse_config(Config, argv)
+    cfg = D.parse_config(Config, argv)
     if not cfg.data:
         raise SystemExit("error: --data is required (prompts JSONL: {id, messages} ending with a user turn)")
     if cfg.engine not in ("ours", "vllm"):
@@ -155,7 +156,7 @@ def run(argv=None):
     prompts = load_prompts(cfg)
     if "RANK" in os.environ and not dist.is_initialized():  # gloo just for barriers, with room for ranks finishing hours apart
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    rank, world, device, dtype = M.setup_dist(cfg)
+    rank, world, device, dtype = T.setup_dist(cfg)
     if cfg.dtype == "auto" and device.type == "cpu" and M.native_bf16():
         dtype = torch.bfloat16  # native bf16 matmuls: about twice the fp32 speed for these shapes
     if rank == 0:
@@ -163,7 +164,7 @@ def run(argv=None):
         merge(cfg.out)  # shards left by a killed torchrun: their records count as done
     if world > 1:
         dist.barrier()
-    done = M.done_ids(cfg.out)
+    done = D.truncate_torn(cfg.out)
     todo = [p for i, p in enumerate(prompts) if i % world == rank and p[1] not in done]
     path = cfg.out if world == 1 else f"{cfg.out}.rank{rank}"
 
@@ -183,7 +184,7 @@ def run(argv=None):
         template = M.get_template(tok, "", cfg.template) if cfg.template else template
         mcfg = model.cfg
     eos_cfg, limit = mcfg.eos_token_id, mcfg.max_position_embeddings
-    eos = {M.eos_id(tok, template)} | set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]) - {None}
+    eos = {D.eos_id(tok, template)} | set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]) - {None}
     if cfg.engine == "vllm":
         sample_fn = lambda ps, n, rngs: sample_vllm(llm, eos, cfg, ps, n, rngs)
     else:
@@ -193,9 +194,9 @@ def run(argv=None):
         rm_template = M.get_template(rm_tok, "", cfg.template) if cfg.template else rm_template
     items = []
     for where, rid, messages in todo:
-        ids = M.render(tok, messages, template, prompt=True)[0]
+        ids = D.render(tok, messages, template, prompt=True)[0]
         if len(ids) >= limit:
-            raise M.DataError(f"{where}: prompt of {len(ids)} tokens leaves no room to answer (max {limit} positions)")
+            raise D.DataError(f"{where}: prompt of {len(ids)} tokens leaves no room to answer (max {limit} positions)")
         items.append({"id": rid, "messages": messages, "ids": ids})
     sampling = {k: getattr(cfg, k) for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "stop", "seed", "unique", "engine")}
     sampling["dtype"] = str(dtype).replace("torch.", "")
@@ -226,13 +227,13 @@ def run(argv=None):
         bar.set_postfix(tokens_per_s=f"{ntok / (time.time() - t0):.1f}")
     bar.close()
     dt = time.time() - t0
-    tokens, sampled = M.all_sum([ntok, len(todo)], torch.device("cpu"))  # also the barrier before the merge
+    tokens, sampled = T.all_sum([ntok, len(todo)], torch.device("cpu"))  # also the barrier before the merge
     if rank == 0:
         merge(cfg.out)
         print(f"sampled {int(sampled)} prompts ({len(prompts) - int(sampled)} were done already), {int(tokens)} tokens "
               f"in {dt:.1f}s: {tokens / max(dt, 1e-9):.1f} tokens/s over {world} rank(s); "
               f"peak memory {M.peak_memory_gb(device):.2f} GB (rank 0) -> {cfg.out}")
-    M.finish()  # a barrier, then destroy: a rank tearing gloo down while another still merges can abort
+    T.barrier_and_destroy()  # a barrier, then destroy: a rank tearing gloo down while another still merges can abort
 
 if __name__ == "__main__":
-    M.main(run)
+    D.run_main(run)

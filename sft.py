@@ -9,10 +9,12 @@ torchrun. `train(cfg, conversations)` is also what rejection_sft.py runs.
 import random
 from dataclasses import dataclass
 import torch
+import data as D
 import model as M
+import training as T
 
 @dataclass
-class Config(M.TrainConfig):
+class Config(T.TrainConfig):
     column: str = "messages"  # dataset column holding the conversation (ShareGPT 'conversations' also read)
     debug_mask: bool = False  # print the first example with its loss-masked tokens highlighted, then train
 
@@ -21,10 +23,10 @@ class Config(M.TrainConfig):
 
 def load_conversations(paths, split="train", column="messages"):
     out = []
-    for where, rec in M.read_records(paths, split):
+    for where, rec in D.read_records(paths, split):
         if column != "messages" and column in rec:
             rec = {"messages": rec[column]}
-        out.append((where, M.get_messages(rec, where)))
+        out.append((where, D.get_messages(rec, where)))
     return out
 
 def tokenize(conversations, tok, template, max_len):
@@ -33,12 +35,12 @@ def tokenize(conversations, tok, template, max_len):
     are cut at max_len (dropped if no assistant token is left)."""
     examples, truncated, dropped = [], 0, 0
     for where, msgs in conversations:
-        ids, mask = M.render(tok, msgs, template)
+        ids, mask = D.render(tok, msgs, template)
         if len(ids) > max_len:
             truncated += 1
             ends = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
             for end in reversed(ends[:-1]):
-                ids, mask = M.render(tok, msgs[:end + 1], template)
+                ids, mask = D.render(tok, msgs[:end + 1], template)
                 if len(ids) <= max_len:
                     break
             ids, mask = ids[:max_len], mask[:max_len]
@@ -58,7 +60,7 @@ def plan_batches(examples, cfg, epochs, seed):
     lengths = [len(ids) for ids, _ in examples]
     plan = []
     for epoch in range(epochs):
-        for idx in M.make_batches(lengths, cfg.batch_tokens, seed + epoch):
+        for idx in D.make_batches(lengths, cfg.batch_tokens, seed + epoch):
             plan.append({"idx": idx, "tokens": sum(lengths[i] for i in idx), "docs": len(idx),
                          "count": sum(sum(examples[i][1][1:]) for i in idx)})
     return plan
@@ -66,14 +68,14 @@ def plan_batches(examples, cfg, epochs, seed):
 def sft_loss(model, examples, idx):
     """Summed negative log-likelihood of the target tokens of examples[idx], packed into one row."""
     dev = model.model.embed_tokens.weight.device
-    ids, cu = M.pack([examples[i][0] for i in idx], dev)
+    ids, cu = D.pack([examples[i][0] for i in idx], dev)
     targets = torch.tensor([t for i in idx for t in targets_of(*examples[i])], device=dev)
     return -model(ids, cu_seqlens=cu, targets=targets).sum()
 
 # ----------------------------------------------------------------------------------------------------
 
 def train(cfg, conversations, eval_conversations=None):
-    model, tok, template, dist_info = M.prepare_model(cfg)
+    model, tok, template, dist_info = T.prepare_model(cfg)
     rank = dist_info[0]
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"config: {cfg}")
@@ -87,7 +89,7 @@ def train(cfg, conversations, eval_conversations=None):
     log(f"data: {len(examples)} conversations, {n_tok} tokens ({sum(sum(m) for _, m in examples)} trained on), "
         f"template {template}, {truncated} truncated to --max-len {cfg.max_len}, {dropped} dropped")
     if cfg.debug_mask and rank == 0:
-        print(M.show_mask(tok, *examples[0]))
+        print(D.show_mask(tok, *examples[0]))
     plan = plan_batches(examples, cfg, cfg.epochs, cfg.seed)
     eval_fn = None
     if eval_conversations:
@@ -95,20 +97,20 @@ def train(cfg, conversations, eval_conversations=None):
         ev_batches = [b["idx"] for b in plan_batches(ev, cfg, 1, 0)]
 
         def eval_fn(model):
-            s = M.evaluate(model, ev_batches, lambda m, idx: {"nll": float(sft_loss(m, ev, idx)),
+            s = T.evaluate(model, ev_batches, lambda m, idx: {"nll": float(sft_loss(m, ev, idx)),
                                                               "n": sum(sum(ev[i][1][1:]) for i in idx)}, dist_info)
             return {"loss": s["nll"] / s["n"]}
-    M.fit(cfg, model, plan, lambda m, mb: (sft_loss(m, examples, mb["idx"]), {}), eval_fn, dist_info)
-    M.export(cfg, model, tok, template)
+    T.fit(cfg, model, plan, lambda m, mb: (sft_loss(m, examples, mb["idx"]), {}), eval_fn, dist_info)
+    T.export(cfg, model, tok, template)
     return model
 
 def run():
-    cfg = M.parse_config(Config)
+    cfg = D.parse_config(Config)
     if not cfg.data:
         raise SystemExit("error: --data is required (JSONL conversations or a dataset name)")
     evals = load_conversations([cfg.eval_data], cfg.split, cfg.column) if cfg.eval_data else None
     train(cfg, load_conversations(cfg.data, cfg.split, cfg.column), evals)
-    M.finish()
+    T.barrier_and_destroy()
 
 if __name__ == "__main__":
-    M.main(run)
+    D.run_main(run)

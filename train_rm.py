@@ -17,7 +17,9 @@ from collections import Counter
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
+import data as D
 import model as M
+import training as T
 
 # The margin by preference strength (--margin), on Llama-2's RM scale: the clearer the judge's preference,
 # the wider the gap between the two rewards before the loss lets go. annotate.py writes a number on this
@@ -28,7 +30,7 @@ MARGINS = {"much better": 3.0, "significantly better": 3.0, "better": 2.0, "slig
 TIES = {"tie", "equal", "same", "unsure"}
 
 @dataclass
-class Config(M.TrainConfig):
+class Config(T.TrainConfig):
     epochs: int = 1  # passes over the data (RMs overfit after one)
     lr: float = 1e-5  # peak learning rate
     margin: bool = False  # subtract a margin by preference strength (MARGINS table) inside the loss
@@ -51,21 +53,21 @@ def strength_of(s, where):
             if key in TIES:
                 return "tie", 0.0
             if key not in MARGINS:
-                raise M.DataError(f"{where}: unknown strength {s!r} "
+                raise D.DataError(f"{where}: unknown strength {s!r} "
                                   f"(one of: {', '.join(MARGINS)}, tie, or a number)") from None
             return key, MARGINS[key]
     if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or s < 0:
-        raise M.DataError(f"{where}: bad strength {s!r} (a word or a number >= 0)")
+        raise D.DataError(f"{where}: bad strength {s!r} (a word or a number >= 0)")
     return ("tie" if s == 0 else f"{s:g}"), float(s)
 
 def prompt_of(rec, where):
     if "messages" in rec or "conversations" in rec:
-        return M.get_messages(rec, where, prompt=True)
+        return D.get_messages(rec, where, prompt=True)
     p = rec.get("prompt")
     if p is None:
-        raise M.DataError(f"{where}: missing 'messages' (the conversation the responses answer)")
+        raise D.DataError(f"{where}: missing 'messages' (the conversation the responses answer)")
     p = [{"role": "user", "content": p}] if isinstance(p, str) else p
-    return M.get_messages({"messages": p}, where, prompt=True)
+    return D.get_messages({"messages": p}, where, prompt=True)
 
 def conversation(rec, side, where):
     """The whole conversation ending with the `side` response. A string answers rec's messages (which end
@@ -73,19 +75,19 @@ def conversation(rec, side, where):
     turns after rec's messages/prompt when it starts with the assistant (TRL's conversational format)."""
     resp = rec.get(side)
     if resp is None:
-        raise M.DataError(f"{where}: missing '{side}'")
+        raise D.DataError(f"{where}: missing '{side}'")
     if isinstance(resp, str):
         resp = [{"role": "assistant", "content": resp}]
     if not isinstance(resp, list) or not resp or not all(isinstance(m, dict) for m in resp):
-        raise M.DataError(f"{where}: '{side}' must be a string or a list of messages")
+        raise D.DataError(f"{where}: '{side}' must be a string or a list of messages")
     if resp[0].get("role") == "assistant":
         resp = prompt_of(rec, where) + resp
     try:
-        M.check_messages(resp)
+        D.check_messages(resp)
     except ValueError as e:
-        raise M.DataError(f"{where}: {side}: {e}") from None
+        raise D.DataError(f"{where}: {side}: {e}") from None
     if not resp[-1]["content"].strip():
-        raise M.DataError(f"{where}: empty {side} response")
+        raise D.DataError(f"{where}: empty {side} response")
     return [{"role": m["role"], "content": m["content"]} for m in resp]
 
 def parse_pairs(records, skip_bad=False):
@@ -104,8 +106,8 @@ def parse_pairs(records, skip_bad=False):
                 continue
             chosen, rejected = conversation(rec, "chosen", where), conversation(rec, "rejected", where)
             if chosen == rejected:
-                raise M.DataError(f"{where}: chosen and rejected are identical")
-        except M.DataError as e:
+                raise D.DataError(f"{where}: chosen and rejected are identical")
+        except D.DataError as e:
             if not skip_bad:
                 raise
             skipped[str(e)[len(where) + 2:]] += 1  # the reason, without file:line
@@ -114,14 +116,14 @@ def parse_pairs(records, skip_bad=False):
     return pairs, skipped
 
 def load_pairs(paths, split="train", skip_bad=False):
-    return parse_pairs(M.read_records(paths, split), skip_bad)
+    return parse_pairs(D.read_records(paths, split), skip_bad)
 
 def tokenize(pairs, tok, template, max_len):
     """-> [(chosen ids, rejected ids)], each cut to max_len keeping the first token and the end (the reward
     is read at the closing EOS; M.reward_scores cuts the same way), and the number of pairs cut."""
     out, cut = [], 0
     for p in pairs:
-        ids = [M.render(tok, p[k], template)[0] for k in ("chosen", "rejected")]
+        ids = [D.render(tok, p[k], template)[0] for k in ("chosen", "rejected")]
         cut += any(len(x) > max_len for x in ids)
         out.append(tuple(x if len(x) <= max_len else x[:1] + x[len(x) - max_len + 1:] for x in ids))
     return out, cut
@@ -131,7 +133,7 @@ def plan_batches(toks, batch_tokens, epochs, seed):
     lengths = [len(c) + len(r) for c, r in toks]
     plan = []
     for epoch in range(epochs):
-        for idx in M.make_batches(lengths, batch_tokens, seed + epoch):
+        for idx in D.make_batches(lengths, batch_tokens, seed + epoch):
             plan.append({"idx": idx, "tokens": sum(lengths[i] for i in idx), "docs": 2 * len(idx), "count": len(idx)})
     return plan
 
@@ -141,7 +143,7 @@ def plan_batches(toks, batch_tokens, epochs, seed):
 def pair_rewards(model, toks, idx):
     """(r_chosen, r_rejected) for pairs idx: all 2n sequences packed as chosen, rejected, chosen, ...;
     the model reads each reward at its sequence's last token (cu_seqlens[1:] - 1)."""
-    ids, cu = M.pack([x for i in idx for x in toks[i]], model.model.embed_tokens.weight.device)
+    ids, cu = D.pack([x for i in idx for x in toks[i]], model.model.embed_tokens.weight.device)
     r = model(ids, cu_seqlens=cu).float()
     return r[0::2], r[1::2]
 
@@ -168,7 +170,7 @@ def make_eval(pairs, toks, cfg, dist_info):
         return s
 
     def eval_fn(model):
-        s = M.evaluate(model, batches, sums, dist_info)
+        s = T.evaluate(model, batches, sums, dist_info)
         n, mean = s["n"], (s["rc"] + s["rr"]) / (2 * s["n"])
         out = {"loss": s["loss"] / n, "accuracy": s["win"] / n, "reward_chosen": s["rc"] / n,
                "reward_rejected": s["rr"] / n, "reward_mean": mean,
@@ -179,7 +181,7 @@ def make_eval(pairs, toks, cfg, dist_info):
 # ----------------------------------------------------------------------------------------------------
 
 def train(cfg, pairs, eval_pairs=None):
-    model, tok, template, dist_info = M.prepare_model(cfg, reward=True)
+    model, tok, template, dist_info = T.prepare_model(cfg, reward=True)
     rank, device = dist_info[0], dist_info[2]
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"config: {cfg}")
@@ -205,16 +207,16 @@ def train(cfg, pairs, eval_pairs=None):
     eval_fn = None
     if eval_pairs:
         eval_fn = make_eval(eval_pairs, tokenize(eval_pairs, tok, template, cfg.max_len)[0], cfg, dist_info)
-    M.fit(cfg, model, plan, step_fn, eval_fn, dist_info)
+    T.fit(cfg, model, plan, step_fn, eval_fn, dist_info)
     # The reward statistics later stages normalize with: on the held-out pairs, else on the training pairs
     final = (eval_fn or make_eval(pairs, toks, cfg, dist_info))(model)
     log(f"{'eval' if eval_fn else 'train'} (final): " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
-    M.export(cfg, model, tok, template, extra={"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]},
+    T.export(cfg, model, tok, template, extra={"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]},
              hint="score with: python sample.py --reward-model")
     return model, final
 
 def run():
-    cfg = M.parse_config(Config)
+    cfg = D.parse_config(Config)
     if not cfg.data:
         raise SystemExit("error: --data is required (JSONL preference pairs or a dataset name)")
     pairs, skipped = load_pairs(cfg.data, cfg.split, cfg.skip_bad)
@@ -226,9 +228,9 @@ def run():
             if counts:
                 print(f"{name}: skipped " + ", ".join(f"{n} ({why})" for why, n in counts.most_common()))
     if not pairs:
-        raise M.DataError(f"{cfg.data[0]}:0: no usable preference pairs")
+        raise D.DataError(f"{cfg.data[0]}:0: no usable preference pairs")
     train(cfg, pairs, eval_pairs)
-    M.finish()
+    T.barrier_and_destroy()
 
 if __name__ == "__main__":
-    M.main(run)
+    D.run_main(run)

@@ -12,7 +12,9 @@ import json, os, resource, subprocess, sys, time
 from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
+import data as D  # noqa: E402
 import model as M  # noqa: E402
+import training as T  # noqa: E402
 
 @dataclass
 class Config:
@@ -28,7 +30,7 @@ class Config:
 
 def time_ours(cfg, dtype):
     model, tok, template = M.load_model(M.resolve(cfg.model), dtype=dtype)
-    ids, _ = M.render(tok, [{"role": "user", "content": cfg.prompt}], template, prompt=True)
+    ids, _ = D.render(tok, [{"role": "user", "content": cfg.prompt}], template, prompt=True)
 
     def gen(n):
         t = time.perf_counter()
@@ -41,7 +43,7 @@ def time_hf(cfg, dtype):
     path = M.resolve(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(path)
-    ids = torch.tensor([M.render(tok, [{"role": "user", "content": cfg.prompt}], M.get_template(tok, path), prompt=True)[0]])
+    ids = torch.tensor([D.render(tok, [{"role": "user", "content": cfg.prompt}], M.get_template(tok, path), prompt=True)[0]])
 
     @torch.no_grad()
     def gen(n):
@@ -67,7 +69,7 @@ def child(cfg):
                       "threads": torch.get_num_threads(), "text": decode(out)[:80]}))
 
 def main():
-    cfg = M.parse_config(Config)
+    cfg = D.parse_config(Config)
     cfg.model = cfg.model or M.default_model()
     if cfg.child:
         return child(cfg)

@@ -19,7 +19,9 @@ and every side imports it: all run with the same allocator (THP_MEM_ALLOC_ENABLE
 import json, os, random, resource, shutil, subprocess, sys, time
 from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as D  # noqa: E402
 import model as M  # noqa: E402
+import training as T  # noqa: E402
 
 @dataclass
 class Config:
@@ -56,9 +58,9 @@ def synth(cfg, tok, template):
     out = []
     while len(out) < cfg.pairs:
         msgs = [{"role": "user", "content": rng.choice(PROMPTS).format(rng.choice(TOPICS))}]
-        head = len(M.render(tok, msgs, template, prompt=True)[0])
+        head = len(D.render(tok, msgs, template, prompt=True)[0])
         c, r = (words(rng.randint(max(8, cfg.min_tokens - head), cfg.max_tokens - head - 8)) for _ in range(2))
-        if c != r and max(len(M.render(tok, msgs + [{"role": "assistant", "content": x}], template)[0]) for x in (c, r)) <= cfg.max_tokens:
+        if c != r and max(len(D.render(tok, msgs + [{"role": "assistant", "content": x}], template)[0]) for x in (c, r)) <= cfg.max_tokens:
             out.append({"id": f"b{len(out)}", "messages": msgs, "chosen": c, "rejected": r})
     return out
 
@@ -72,7 +74,7 @@ def run_ours(cfg, data, out):
                    lr=cfg.lr, dtype=cfg.dtype, seed=cfg.seed, act_ckpt=cfg.grad_ckpt, log_every=1)
     if cfg.child == "lowmem":
         c.optim, c.grad_clip = "adamw-lowmem", 0.0
-    model, tok, template, dist = M.prepare_model(c)
+    model, tok, template, dist = T.prepare_model(c)
     ex, _, _ = dpo.tokenize(dpo.load_pairs(c.data, c)[0], tok, template, c.max_len)
     P, plan, ref_batches = cfg.pairs_per_batch, [], None  # fixed pairs per micro-batch (TRL's batch size)
     while len(plan) < cfg.steps + 1:  # a seeded order per epoch; the reference pass covers every pair once
@@ -81,7 +83,7 @@ def run_ours(cfg, data, out):
         plan += [{"idx": b, "tokens": sum(len(ex[i][0]) + len(ex[i][2]) for i in b), "docs": 2 * len(b), "count": len(b)}
                  for b in (order[i:i + P] for i in range(0, len(ex) - P + 1, P))]
     t0 = time.time()
-    ref = dpo.cached_reference(c, model, ex, [e[6] for e in ex], ref_batches, dist, M.setup_dist(c)[3], lambda *a: None)
+    ref = dpo.cached_reference(c, model, ex, [e[6] for e in ex], ref_batches, dist, T.setup_dist(c)[3], lambda *a: None)
     ref_s, ends, peaks = time.time() - t0, [], {}
 
     def step_fn(m, mb):  # fit() calls this once per step (grad_accum 1): the previous step has ended
@@ -90,7 +92,7 @@ def run_ours(cfg, data, out):
             peaks.update(peak_memory())
         return dpo.pair_terms(c, m, ex, mb["idx"], ref)
     t0 = time.time()  # one step more than timed: the last one ends with fit() saving its training state
-    recs = M.fit(c, model, plan, step_fn, None, dist)[:cfg.steps]
+    recs = T.fit(c, model, plan, step_fn, None, dist)[:cfg.steps]
     tokens = [mb["tokens"] for mb in plan[:cfg.steps]]
     return {"tokens_per_s": timed(tokens, ends[1:], t0, cfg.warmup), "tokens_per_step": sum(tokens) / len(tokens),
             "ref_pass_s": ref_s, "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"]} | peaks
@@ -101,7 +103,7 @@ def run_trl(cfg, data, out):
     path = M.resolve(cfg.model)
     tok = transformers.AutoTokenizer.from_pretrained(path)
     rows = [{"prompt": r["messages"], "chosen": [{"role": "assistant", "content": r["chosen"]}],
-             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for _, r in M.read_jsonl(data)]
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for _, r in D.read_jsonl(data)]
     cuda = torch.cuda.is_available()
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=cfg.trl_attn)
     args = DPOConfig(output_dir=out, max_length=cfg.max_tokens, per_device_train_batch_size=cfg.pairs_per_batch,
@@ -148,7 +150,7 @@ def child(cfg):
     print("RESULT " + json.dumps(res), flush=True)
 
 def main():
-    cfg = M.parse_config(Config)
+    cfg = D.parse_config(Config)
     cfg.model = cfg.model or M.default_model()
     if cfg.child:
         return child(cfg)
@@ -161,7 +163,7 @@ def main():
     data = os.path.join(cfg.out, "data.jsonl")
     with open(data, "w") as f:
         f.writelines(json.dumps(p) + "\n" for p in pairs)
-    lens = [len(M.render(tok, p["messages"] + [{"role": "assistant", "content": p[k]}], template)[0]) for p in pairs for k in ("chosen", "rejected")]
+    lens = [len(D.render(tok, p["messages"] + [{"role": "assistant", "content": p[k]}], template)[0]) for p in pairs for k in ("chosen", "rejected")]
     print(f"data: {len(pairs)} pairs, {sum(lens)} tokens, sequences of {min(lens)}-{max(lens)} (mean {sum(lens) / len(lens):.0f}) "
           f"tokens; {cfg.steps} steps of {cfg.pairs_per_batch} pairs; model {path}; {os.cpu_count()} cpus")
     results, mem = {}, "peak_cuda_gb" if __import__("torch").cuda.is_available() else "peak_rss_gb"

@@ -13,7 +13,9 @@ the padding after it), so tokens/s is the useful output rate.
 import dataclasses, json, os, resource, subprocess, sys, time
 from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as D  # noqa: E402
 import model as M  # noqa: E402
+import training as T  # noqa: E402
 
 @dataclass
 class Config:
@@ -117,8 +119,8 @@ def child(cfg):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
     template = M.get_template(tok, path)
-    prompts = [M.render(tok, c, template, prompt=True)[0] for c in conversations(cfg.prompts)]
-    eos = {M.eos_id(tok, template)} | set(model_cfg["eos_token_id"] if isinstance(model_cfg["eos_token_id"], list) else [model_cfg["eos_token_id"]])
+    prompts = [D.render(tok, c, template, prompt=True)[0] for c in conversations(cfg.prompts)]
+    eos = {D.eos_id(tok, template)} | set(model_cfg["eos_token_id"] if isinstance(model_cfg["eos_token_id"], list) else [model_cfg["eos_token_id"]])
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     t0, c0, counts = (run_ours if cfg.child == "ours" else run_hf)(cfg, path, prompts, eos, dtype)
     wall, cpu = time.time() - t0, time.process_time() - c0
@@ -128,7 +130,7 @@ def child(cfg):
     print("RESULT " + json.dumps(res), flush=True)
 
 def main():
-    cfg = M.parse_config(Config)
+    cfg = D.parse_config(Config)
     cfg.model = cfg.model or M.default_model()
     if cfg.dtype == "auto":
         cfg.dtype = "bfloat16" if M.native_bf16() else "float32"
@@ -137,7 +139,7 @@ def main():
     from transformers import AutoTokenizer
     path = M.resolve(cfg.model)
     tok = AutoTokenizer.from_pretrained(path)
-    lens = [len(M.render(tok, c, M.get_template(tok, path), prompt=True)[0]) for c in conversations(cfg.prompts)]
+    lens = [len(D.render(tok, c, M.get_template(tok, path), prompt=True)[0]) for c in conversations(cfg.prompts)]
     print(f"{len(lens)} prompts of {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}); "
           f"max {cfg.max_new_tokens} new tokens, temperature {cfg.temperature}, top-p {cfg.top_p}, {cfg.dtype}; "
           f"transformers: batch per {cfg.hf_batch}, {cfg.hf_cache} cache, sdpa; model {path}; {os.cpu_count()} cpus", flush=True)

@@ -14,7 +14,9 @@ tokens/s counts real tokens over the steps after --warmup.
 import json, os, random, resource, subprocess, sys, time
 from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data as D  # noqa: E402
 import model as M  # noqa: E402
+import training as T  # noqa: E402
 
 @dataclass
 class Config:
@@ -55,7 +57,7 @@ def synth(cfg, tok, template):
             per_turn = target // turns
             u = rng.randint(8, per_turn // 3)
             msgs += [{"role": "user", "content": words(u)}, {"role": "assistant", "content": words(per_turn - u)}]
-        n = len(M.render(tok, msgs, template)[0])
+        n = len(D.render(tok, msgs, template)[0])
         if cfg.min_tokens // 2 <= n <= cfg.max_tokens:
             out.append({"id": f"b{len(out)}", "messages": msgs})
     return out
@@ -74,7 +76,7 @@ def run_ours(cfg, data, out):
     import sft
     c = sft.Config(model=cfg.model, data=[data], out=out, max_len=cfg.max_tokens, batch_tokens=cfg.batch_tokens,
                    max_steps=cfg.steps + 1, epochs=100, lr=cfg.lr, dtype=cfg.dtype, seed=cfg.seed, log_every=1)
-    model, tok, template, dist = M.prepare_model(c)
+    model, tok, template, dist = T.prepare_model(c)
     examples, _, _ = sft.tokenize(sft.load_conversations(c.data), tok, template, c.max_len)
     plan = sft.plan_batches(examples, c, c.epochs, c.seed)
     ends = []
@@ -83,7 +85,7 @@ def run_ours(cfg, data, out):
         ends.append(now())
         return sft.sft_loss(m, examples, mb["idx"]), {}
     t0 = now()  # one step more than timed: the last one ends with fit() saving its training state
-    recs = M.fit(c, model, plan, step_fn, None, dist)[:cfg.steps]
+    recs = T.fit(c, model, plan, step_fn, None, dist)[:cfg.steps]
     ends = ends[1:]
     tokens = [mb["tokens"] for mb in plan[:cfg.steps]]
     return timed(tokens, ends, t0, cfg.warmup) | {"tokens_per_step": sum(tokens) / len(tokens),
@@ -96,8 +98,8 @@ def run_trl(cfg, data, out):
     tok = transformers.AutoTokenizer.from_pretrained(path)
     template = M.get_template(tok, path)
     rows = []  # the same ids and assistant masks as ours: TRL's labels are built from assistant_masks
-    for where, rec in M.read_jsonl(data):
-        ids, mask = M.render(tok, M.get_messages(rec, where), template)
+    for where, rec in D.read_jsonl(data):
+        ids, mask = D.render(tok, D.get_messages(rec, where), template)
         rows.append({"input_ids": ids, "assistant_masks": mask})
     packed = cfg.child == "trl-bfd"
     # padded: as many rows per batch as fill --batch-tokens on average, each padded to its batch's longest
@@ -145,7 +147,7 @@ def child(cfg):
     print("RESULT " + json.dumps(res), flush=True)
 
 def main():
-    cfg = M.parse_config(Config)
+    cfg = D.parse_config(Config)
     cfg.model = cfg.model or M.default_model()
     if cfg.child:
         return child(cfg)
@@ -159,7 +161,7 @@ def main():
     data = os.path.join(cfg.out, "data.jsonl")
     with open(data, "w") as f:
         f.writelines(json.dumps(c) + "\n" for c in convs)
-    lens = [len(M.render(tok, c["messages"], M.get_template(tok, path))[0]) for c in convs]
+    lens = [len(D.render(tok, c["messages"], M.get_template(tok, path))[0]) for c in convs]
     print(f"data: {len(convs)} conversations, {sum(lens)} tokens, {min(lens)}-{max(lens)} "
           f"(mean {sum(lens) / len(lens):.0f}) "
           f"tokens each; {cfg.steps} steps of <= {cfg.batch_tokens} tokens; model {path}; {os.cpu_count()} cpus")

@@ -6,7 +6,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import data as D  # noqa: E402
 import model as M  # noqa: E402
+import training as T  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog paris is the capital of france what city hello world "
          "yes no good bad answer question user assistant chat tell me about math one two three four five "
@@ -23,7 +25,7 @@ def sp_tokenizer(tmp_path_factory):
     from transformers import AutoTokenizer
     d = tmp_path_factory.mktemp("sptok")
     buf = io.BytesIO()
-    sents = corpus() + [M.SYSTEM_VICUNA + " USER: ASSISTANT:"] * 20
+    sents = corpus() + [D.SYSTEM_VICUNA + " USER: ASSISTANT:"] * 20
     spm.SentencePieceTrainer.train(sentence_iterator=iter(sents), model_writer=buf, vocab_size=320, model_type="bpe",
                                    byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
                                    normalization_rule_name="identity", minloglevel=2)
@@ -47,7 +49,7 @@ def bpe_tokenizer(tmp_path_factory):
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<|im_start|>", eos_token="<|im_end|>",
                                   unk_token="<|endoftext|>", pad_token="<|im_end|>")
-    tok.chat_template = M.JINJA["chatml"]
+    tok.chat_template = D.JINJA["chatml"]
     d = tmp_path_factory.mktemp("bpetok")
     tok.save_pretrained(str(d))
     from transformers import AutoTokenizer
@@ -59,12 +61,13 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 def make_checkpoint(path, tok, template, seed=0, reward=False, std=0.1, **overrides):
     """Save a random tiny Llama for `tok` as an HF folder at path; returns path."""
     cfg = M.LlamaConfig(**(TINY | overrides), vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                        eos_token_id=M.eos_id(tok, template), pad_token_id=None)
+                        eos_token_id=D.eos_id(tok, template), pad_token_id=None)
     torch.manual_seed(seed)
     model = M.Llama(cfg, reward=reward)
     for name, p in model.named_parameters():
         torch.nn.init.normal_(p, std=std) if "norm" not in name else torch.nn.init.uniform_(p, 0.8, 1.2)
-    M.save_checkpoint(str(path), model.state_dict(), cfg, tok, template)
+    tok.chat_template = D.JINJA[template]
+    M.save_checkpoint(str(path), model.state_dict(), cfg, tok, {"chat_template_name": template})
     return str(path)
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import ast, json, math, os, re, statistics, subprocess, sys, threading, time
 from collections import defaultdict
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 import pytest
-from conftest import M, ROOT, make_checkpoint, run_script, write_jsonl
+from conftest import D, M, T, ROOT, make_checkpoint, run_script, write_jsonl
 import annotate as A
 
 KEY = "sk-test-SECRET-0123456789abcdef"

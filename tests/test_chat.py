@@ -2,7 +2,7 @@ import importlib.util, json, os, subprocess, sys, threading, time, urllib.reques
 from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
-from conftest import M, ROOT, make_checkpoint, run_script
+from conftest import D, M, T, ROOT, make_checkpoint, run_script
 import chat
 
 def start_server(model_path, *extra):
@@ -42,8 +42,8 @@ def local(server):
 
 def greedy(local, messages, max_new_tokens):
     model, tok, template = local
-    ids, _ = M.render(tok, messages, template, prompt=True)
-    out = M.generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0, eos_ids={M.eos_id(tok, template)})[0][0]
+    ids, _ = D.render(tok, messages, template, prompt=True)
+    out = M.generate(model, [ids], max_new_tokens=max_new_tokens, temperature=0, eos_ids={D.eos_id(tok, template)})[0][0]
     return tok.decode(out["ids"], skip_special_tokens=True), len(ids), len(out["ids"])
 
 MSGS = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the cat"},
@@ -97,14 +97,14 @@ def test_logprobs_match_greedy_and_a_direct_computation(server, local):
     import openai
     model, tok, template = local
     client = openai.OpenAI(base_url=server[1], api_key="unused", max_retries=0)
-    ids, _ = M.render(tok, MSGS, template, prompt=True)
-    out = M.generate(model, [ids], max_new_tokens=8, temperature=0, eos_ids={M.eos_id(tok, template)})[0][0]["ids"]
+    ids, _ = D.render(tok, MSGS, template, prompt=True)
+    out = M.generate(model, [ids], max_new_tokens=8, temperature=0, eos_ids={D.eos_id(tok, template)})[0][0]["ids"]
     want, n_new, seq = tok.decode(out, skip_special_tokens=True), len(out), ids + out
     r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=8, temperature=0, logprobs=True, top_logprobs=5)
     c = r.choices[0]
     content = c.logprobs.content
     assert c.message.content == want and len(content) == n_new + (c.finish_reason == "stop")  # + the EOS entry
-    chatml = M.TEMPLATES["chatml"]["eos"]
+    chatml = D.TEMPLATES["chatml"]["eos"]
     for j, e in enumerate(content):  # each position on its own: a separate forward of the prefix
         with torch.no_grad():
             lp = torch.log_softmax(model(torch.tensor([seq[:len(ids) + j]]))[-1].float(), -1)
@@ -112,7 +112,7 @@ def test_logprobs_match_greedy_and_a_direct_computation(server, local):
         assert len(e.top_logprobs) == 5 and e.top_logprobs[0].token == e.token and e.top_logprobs[0].logprob == e.logprob
         assert [t.logprob for t in e.top_logprobs] == pytest.approx(v.tolist(), abs=1e-4)
         assert [bytes(t.bytes).decode(errors="replace") for t in e.top_logprobs] == [tok.decode([k]) for k in i.tolist()]
-        assert e.logprob == pytest.approx(float(lp[seq[len(ids) + j]] if j < n_new else lp[M.eos_id(tok, "chatml")]), abs=1e-4)
+        assert e.logprob == pytest.approx(float(lp[seq[len(ids) + j]] if j < n_new else lp[D.eos_id(tok, "chatml")]), abs=1e-4)
     assert b"".join(bytes(e.bytes) for e in content[:n_new]).decode(errors="replace") == want  # random bytes: maybe not UTF-8
     if c.finish_reason == "stop":
         assert content[-1].token == chatml
@@ -122,7 +122,7 @@ def test_logprobs_match_greedy_and_a_direct_computation(server, local):
 
 def test_logprobs_follow_rows_through_eos_and_compaction(local):
     model, tok, template = local
-    ids, _ = M.render(tok, MSGS, template, prompt=True)
+    ids, _ = D.render(tok, MSGS, template, prompt=True)
     eos, stale = set(range(0, len(tok), 16)), []  # a 16th of the vocabulary ends a sample: rows end at different steps
 
     class Counting(chat.Logprobs):
@@ -200,7 +200,7 @@ def test_repl_over_stdin(tiny_vicuna, sp_tokenizer):
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr
     n_prompt = [int(l.split()[0][1:]) for l in p.stderr.splitlines() if "prompt tokens" in l]
-    render = lambda msgs: len(M.render(sp_tokenizer, msgs, "vicuna", prompt=True)[0])
+    render = lambda msgs: len(D.render(sp_tokenizer, msgs, "vicuna", prompt=True)[0])
     hello = [{"role": "user", "content": "hello world"}]
     assert len(n_prompt) == 4  # nothing after /exit
     assert n_prompt[0] == render(hello)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import M, make_checkpoint, write_jsonl, run_script
+from conftest import D, M, T, make_checkpoint, write_jsonl, run_script
 import dpo
 
 @pytest.fixture(autouse=True)
@@ -80,7 +80,7 @@ def test_bad_input(tmp_path):
               "response 1 has no numeric 'reward'")]
     for k, (rec, reason) in enumerate(cases):
         path = write_jsonl(tmp_path / f"bad{k}.jsonl", [ok, rec])
-        with pytest.raises(M.DataError, match=f"bad{k}.jsonl:2: {reason}"):
+        with pytest.raises(D.DataError, match=f"bad{k}.jsonl:2: {reason}"):
             dpo.load_pairs([path], dpo.Config())
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [ok] + [c[0] for c in cases])
     pairs, counts = dpo.load_pairs([mixed], dpo.Config(skip_bad=True))
@@ -91,8 +91,8 @@ def test_bad_input(tmp_path):
 def hf_logps(hf, tok, template, prompt, reply):
     """Independent: transformers' model on one unpadded sequence; the response is what follows the
     rendered prompt, so no loss mask is involved."""
-    full = M.render(tok, prompt + [{"role": "assistant", "content": reply}], template)[0]
-    head = M.render(tok, prompt, template, prompt=True)[0]
+    full = D.render(tok, prompt + [{"role": "assistant", "content": reply}], template)[0]
+    head = D.render(tok, prompt, template, prompt=True)[0]
     assert full[:len(head)] == head
     logits = hf(torch.tensor([full])).logits[0, :-1].float()
     lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(full[1:])[:, None])[:, 0]

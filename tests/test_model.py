@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from conftest import M, TINY, make_checkpoint, write_jsonl
+from conftest import D, M, T, TINY, make_checkpoint, write_jsonl
 
 CONFIGS = {
     "mha": dict(num_key_value_heads=4),
@@ -43,7 +43,7 @@ def test_packed_equals_separate_and_kv_cache(tiny_vicuna):
     model, _, _ = M.load_model(tiny_vicuna)
     docs = [torch.randint(3, 300, (n,)).tolist() for n in (5, 17, 9)]
     with torch.no_grad():
-        ids, cu = M.pack(docs)
+        ids, cu = D.pack(docs)
         packed = model(ids, cu_seqlens=cu)
         sep = torch.cat([model(torch.tensor([d]))for d in docs])
         assert (packed - sep).abs().max() <= 1e-5
@@ -115,8 +115,8 @@ CONV = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content"
 def test_vicuna_text_and_mask(sp_tokenizer, system):
     tok = sp_tokenizer
     conv = ([{"role": "system", "content": system}] if system else []) + CONV
-    ids, mask = M.render(tok, conv, "vicuna")
-    expected = VICUNA_2TURN.format(sys=system or M.SYSTEM_VICUNA)
+    ids, mask = D.render(tok, conv, "vicuna")
+    expected = VICUNA_2TURN.format(sys=system or D.SYSTEM_VICUNA)
     assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
     assert tok.decode(ids, skip_special_tokens=False).replace("<s>", "", 1).lstrip() == expected
     # the masked tokens are exactly the two replies, each with its EOS id (never "</s>" as text)
@@ -130,19 +130,19 @@ def test_vicuna_text_and_mask(sp_tokenizer, system):
     assert [tok.decode(s[:-1]).strip() for s in spans] == ["Hello! How can I help?", "No."]
     assert all(s[-1] == tok.eos_token_id for s in spans) and ids.count(tok.eos_token_id) == 2
     # the prompt for the second reply is a prefix of the training ids, mask starting right after
-    prompt, pmask = M.render(tok, conv[:-1], "vicuna", prompt=True)
+    prompt, pmask = D.render(tok, conv[:-1], "vicuna", prompt=True)
     assert ids[:len(prompt)] == prompt and mask[len(prompt)] == 1 and pmask == mask[:len(prompt)]
     assert tok.decode(prompt).endswith("ASSISTANT:")
     # and transformers' apply_chat_template with the saved jinja gives the same text
-    tok.chat_template = M.JINJA["vicuna"]
+    tok.chat_template = D.JINJA["vicuna"]
     assert tok.apply_chat_template(conv, tokenize=False).replace("<s>", "", 1) == expected
 
 def test_chatml_matches_jinja(bpe_tokenizer):
     tok = bpe_tokenizer
-    ids, mask = M.render(tok, CONV, "chatml")
+    ids, mask = D.render(tok, CONV, "chatml")
     text = tok.apply_chat_template(CONV, tokenize=False)
     assert tok.decode(ids) + "\n" == text
-    prompt, _ = M.render(tok, CONV[:-1], "chatml", prompt=True)
+    prompt, _ = D.render(tok, CONV[:-1], "chatml", prompt=True)
     assert tok.decode(prompt) == tok.apply_chat_template(CONV[:-1], tokenize=False, add_generation_prompt=True)
     assert ids[:len(prompt)] == prompt and sum(mask) == len(tok.encode("Hello! How can I help?")) + len(tok.encode("No.")) + 2
 
@@ -175,33 +175,33 @@ def test_top_k_top_p_filter():
 
 def test_bad_input_errors(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}', "{not json"])
-    with pytest.raises(M.DataError, match=r"bad.jsonl:2: malformed JSON"):
-        list(M.read_jsonl(bad))
+    with pytest.raises(D.DataError, match=r"bad.jsonl:2: malformed JSON"):
+        list(D.read_jsonl(bad))
     role = write_jsonl(tmp_path / "role.jsonl", [{"id": "a", "messages": [{"role": "robot", "content": "x"}]}])
-    with pytest.raises(M.DataError, match=r"role.jsonl:1: .*unknown role 'robot'"):
-        [M.get_messages(r, w) for w, r in M.read_jsonl(role)]
+    with pytest.raises(D.DataError, match=r"role.jsonl:1: .*unknown role 'robot'"):
+        [D.get_messages(r, w) for w, r in D.read_jsonl(role)]
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"id": "a", "messages": []}])
-    with pytest.raises(M.DataError, match=r"empty.jsonl:1: empty conversation"):
-        [M.get_messages(r, w) for w, r in M.read_jsonl(empty)]
+    with pytest.raises(D.DataError, match=r"empty.jsonl:1: empty conversation"):
+        [D.get_messages(r, w) for w, r in D.read_jsonl(empty)]
     nothing = write_jsonl(tmp_path / "nothing.jsonl", [])
-    with pytest.raises(M.DataError, match=r"nothing.jsonl:1: empty file"):
-        list(M.read_jsonl(nothing))
+    with pytest.raises(D.DataError, match=r"nothing.jsonl:1: empty file"):
+        list(D.read_jsonl(nothing))
 
 def test_sharegpt_is_normalized(tmp_path):
     p = write_jsonl(tmp_path / "s.jsonl", [{"id": "s", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}])
-    (w, r), = M.read_jsonl(p)
-    assert M.get_messages(r, w) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    (w, r), = D.read_jsonl(p)
+    assert D.get_messages(r, w) == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
 
 def test_done_ids_drops_torn_line(tmp_path):
     p = tmp_path / "o.jsonl"
     p.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "x":')
-    assert M.done_ids(str(p)) == {"a", "b"} and p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    assert D.truncate_torn(str(p)) == {"a", "b"} and p.read_text() == '{"id": "a"}\n{"id": "b"}\n'
 
 def test_adamw_lowmem_tracks_adamw():
     """AdamWLowMem: bf16 moments with unbiased stochastic rounding, stepped from backward hooks with the
     gradient freed, stays on torch AdamW's trajectory; its state has torch's names and half the bytes."""
     x = torch.full((100000,), 1.0 + 2 ** -9)  # a quarter of the way from bf16's 1.0 to 1.0 + 2^-7
-    r = M.bf16_stochastic(x, torch.randint(0, 1 << 16, x.shape, dtype=torch.int32)).float()
+    r = T.bf16_stochastic(x, torch.randint(0, 1 << 16, x.shape, dtype=torch.int32)).float()
     assert set(r.unique().tolist()) == {1.0, 1.0 + 2 ** -7} and abs(r.mean().item() - x[0].item()) < 1e-4
     def make():
         torch.manual_seed(0)
@@ -209,7 +209,7 @@ def test_adamw_lowmem_tracks_adamw():
     X, Y = torch.randn(256, 32), torch.randn(256, 4)
     a, b = make(), make()
     oa = torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.01)
-    ob = M.AdamWLowMem(b.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, chunk=1000)
+    ob = T.AdamWLowMem(b.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, chunk=1000)
     for _ in range(200):
         la = F.mse_loss(a(X), Y)
         la.backward()

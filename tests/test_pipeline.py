@@ -6,7 +6,7 @@ import json, os, re, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 import transformers
-from conftest import M, ROOT, make_checkpoint, run_script
+from conftest import D, M, T, ROOT, make_checkpoint, run_script
 
 class Judge(BaseHTTPRequestHandler):
     def do_POST(self):
@@ -69,11 +69,11 @@ def test_pipeline_end_to_end(tmp_path, sp_tokenizer):
     # the final policy loads in transformers with our logits, and answers through chat.py --prompt
     ours, tok, template = M.load_model(t("dpo"))
     hf = transformers.AutoModelForCausalLM.from_pretrained(t("dpo"), dtype=torch.float32)
-    ids = torch.tensor([M.render(tok, [{"role": "user", "content": "what is two plus two"}], template, prompt=True)[0]])
+    ids = torch.tensor([D.render(tok, [{"role": "user", "content": "what is two plus two"}], template, prompt=True)[0]])
     with torch.no_grad():
         assert (hf(ids).logits[0] - ours(ids)).abs().max() <= 1e-4
     p = run_script("chat.py", "--model", t("dpo"), "--prompt", "what is two plus two", "--temperature", "0",
                    "--max-new-tokens", "8", "--dtype", "float32")
-    out = M.generate(ours, [ids[0].tolist()], max_new_tokens=8, temperature=0, eos_ids=[M.eos_id(tok, template)])[0][0]["ids"]
+    out = M.generate(ours, [ids[0].tolist()], max_new_tokens=8, temperature=0, eos_ids=[D.eos_id(tok, template)])[0][0]["ids"]
     text = lambda s: "".join(c for c in s if c.isprintable() and c != "\ufffd").strip()  # random bytes decode loosely
     assert text(p.stdout) == text(tok.decode(out, skip_special_tokens=True))

@@ -1,6 +1,6 @@
 import json, os
 import pytest
-from conftest import M, write_jsonl, run_script
+from conftest import D, M, T, write_jsonl, run_script
 import rejection_sft
 import sft
 
@@ -55,7 +55,7 @@ def test_min_reward_and_eval_selection(tmp_path, captured, capsys):
     assert [e[1][-1]["content"] for e in evals] == ["answer 9.1"]
     log = capsys.readouterr().out
     assert "kept 3 of 5 prompts" in log and "2 below --min-reward" in log and "mean selected reward 1.5000" in log
-    with pytest.raises(M.DataError, match="no prompt left"):
+    with pytest.raises(D.DataError, match="no prompt left"):
         captured("--data", data, "--out", str(tmp_path / "o"), "--min-reward", "100")
 
 def test_bad_records_error_with_file_line_or_are_skipped(tmp_path, captured, capsys):
@@ -69,7 +69,7 @@ def test_bad_records_error_with_file_line_or_are_skipped(tmp_path, captured, cap
                                      r"conversation must end with a user turn")}
     for name, (bad, msg) in cases.items():
         data = write_jsonl(tmp_path / "bad.jsonl", [good, good, bad, good])
-        with pytest.raises(M.DataError, match=rf"bad.jsonl:3: {msg}"):
+        with pytest.raises(D.DataError, match=rf"bad.jsonl:3: {msg}"):
             captured("--data", data, "--out", str(tmp_path / "o"))
     # a missing reward past --n is never looked at
     late = write_jsonl(tmp_path / "late.jsonl", [{**good, "responses": good["responses"] + [{"content": "c"}]}])

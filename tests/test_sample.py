@@ -2,7 +2,7 @@ import json, os
 import pytest
 import torch
 import transformers
-from conftest import M, make_checkpoint, run_script, write_jsonl
+from conftest import D, M, T, make_checkpoint, run_script, write_jsonl
 import sample
 
 TURNS = ["tell me about the quick brown fox", "yes the fox", "what city is the capital of france",
@@ -39,7 +39,7 @@ def test_greedy_matches_transformers(tmp_path, tiny_vicuna):
     assert [r["id"] for r in recs] == ["p0", "p1", "p2", "p3"]
     lengths = set()
     for rec in recs:
-        ids = M.render(tok, rec["messages"], template, prompt=True)[0]
+        ids = D.render(tok, rec["messages"], template, prompt=True)[0]
         lengths.add(len(ids))
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
                           pad_token_id=0)[0, len(ids):].tolist()
@@ -145,7 +145,7 @@ def test_finish_reasons(tmp_path, sp_tokenizer):
     r = sample_run(path, data, tmp_path / "a.jsonl", *greedy)[0]["responses"][0]
     assert r["finish_reason"] == "length" and r["num_tokens"] == 8
     model, tok, template = M.load_model(path)
-    ids = M.render(tok, prompts(1)[0]["messages"], template, prompt=True)[0]
+    ids = D.render(tok, prompts(1)[0]["messages"], template, prompt=True)[0]
     out = M.generate(model, [ids], max_new_tokens=8, temperature=0)[0][0]["ids"]
     assert tok.decode(out, skip_special_tokens=True) == r["content"]
     j = next((j for j in range(1, 8) if out[j] not in out[:j]), 0)
@@ -176,9 +176,9 @@ def test_bad_input(tmp_path, tiny_vicuna):
     p = run_script("sample.py", "--model", tiny_vicuna, "--data", bad, "--out", str(tmp_path / "o.jsonl"), check=False)
     assert p.returncode == 2 and "bad.jsonl:2: conversation must end with a user turn" in p.stderr, p.stderr[-2000:]
     torn = write_jsonl(tmp_path / "torn.jsonl", [ok, dict(ok, id="c"), '{"id": "d", "messages": ['])
-    with pytest.raises(M.DataError, match=r"torn.jsonl:3: malformed JSON"):
+    with pytest.raises(D.DataError, match=r"torn.jsonl:3: malformed JSON"):
         sample_run(tiny_vicuna, torn, tmp_path / "o.jsonl")
     dup = write_jsonl(tmp_path / "dup.jsonl", [ok, ok])
-    with pytest.raises(M.DataError, match=r"dup.jsonl:2: duplicate id"):
+    with pytest.raises(D.DataError, match=r"dup.jsonl:2: duplicate id"):
         sample_run(tiny_vicuna, dup, tmp_path / "o.jsonl")
     assert not os.path.exists(tmp_path / "o.jsonl")

@@ -2,7 +2,7 @@ import json, math, os, signal, subprocess, sys, time
 import pytest
 import torch
 import transformers
-from conftest import M, ROOT, make_checkpoint, write_jsonl, run_script
+from conftest import D, M, T, ROOT, make_checkpoint, write_jsonl, run_script
 import sft
 
 def convs(n=6, turns=2):
@@ -95,10 +95,10 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_vicuna):
 def test_bad_input(tmp_path, tiny_vicuna):
     good = {"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     ends_user = write_jsonl(tmp_path / "u.jsonl", [good, {"id": "b", "messages": [{"role": "user", "content": "hi"}]}])
-    with pytest.raises(M.DataError, match=r"u.jsonl:2: conversation must end with an assistant turn"):
+    with pytest.raises(D.DataError, match=r"u.jsonl:2: conversation must end with an assistant turn"):
         sft.load_conversations([ends_user])
     empty = write_jsonl(tmp_path / "e.jsonl", [])
-    with pytest.raises(M.DataError, match=r"e.jsonl:1: empty file"):
+    with pytest.raises(D.DataError, match=r"e.jsonl:1: empty file"):
         sft.load_conversations([empty])
     bad = write_jsonl(tmp_path / "b.jsonl", [good, good, "{oops"])
     p = run_script("sft.py", "--model", tiny_vicuna, "--data", bad, "--out", str(tmp_path / "o"), check=False)

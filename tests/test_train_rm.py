@@ -2,7 +2,7 @@ import json, math, os, random, signal, subprocess, sys, time
 import pytest
 import torch
 import transformers
-from conftest import M, ROOT, WORDS, make_checkpoint, write_jsonl, run_script
+from conftest import D, M, T, ROOT, WORDS, make_checkpoint, write_jsonl, run_script
 import train_rm
 
 FILLER = [w for w in WORDS if w not in ("good", "bad")]
@@ -59,7 +59,7 @@ def test_ln2_learns_and_matches_transformers(tmp_path, sp_tokenizer):
     assert ours.reward and ours.extra == pytest.approx({"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]})
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, dtype=torch.float32).eval()
     pad = hf.config.pad_token_id
-    assert pad != M.eos_id(tok, template)
+    assert pad != D.eos_id(tok, template)
     pairs = train_rm.parse_pairs([("x", r) for r in marker_pairs(4, seed=1)])[0]
     toks, _ = train_rm.tokenize(pairs, tok, template, 512)
     seqs = [x for p in toks for x in p]
@@ -80,10 +80,10 @@ def test_chatml_reward_head_reads_the_closing_eos(tmp_path, bpe_tokenizer):
     path = make_checkpoint(tmp_path / "rm", bpe_tokenizer, "chatml", reward=True, tie_word_embeddings=True)
     ours, tok, template = M.load_model(path)
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-    assert hf.config.pad_token_id != M.eos_id(tok, template) == tok.pad_token_id
+    assert hf.config.pad_token_id != D.eos_id(tok, template) == tok.pad_token_id
     toks, _ = train_rm.tokenize(train_rm.parse_pairs([("x", r) for r in marker_pairs(3)])[0], tok, template, 512)
     seqs = [x for p in toks for x in p]
-    assert all(s[-1] == M.eos_id(tok, template) for s in seqs)
+    assert all(s[-1] == D.eos_id(tok, template) for s in seqs)
     ids, lens = padded(seqs, hf.config.pad_token_id)
     with torch.no_grad():
         packed = torch.stack(train_rm.pair_rewards(ours, toks, range(3)), 1).reshape(-1)
@@ -162,7 +162,7 @@ def test_formats_skips_and_bad_pairs(tmp_path, tiny_vicuna):
                "conversation must end with a user turn", "unknown strength 'way better'"]
     path = write_jsonl(tmp_path / "bad.jsonl", [good] + bad)
     for i, reason in enumerate(reasons):
-        with pytest.raises(M.DataError, match=rf"bad.jsonl:{i + 2}: {reason}"):
+        with pytest.raises(D.DataError, match=rf"bad.jsonl:{i + 2}: {reason}"):
             train_rm.parse_pairs([(f"{path}:{i + 2}", bad[i])])
     import datasets  # a binarized hub set (message lists, scores), saved to disk as `datasets` would fetch it
     datasets.Dataset.from_list(recs[1:2] * 3).save_to_disk(str(tmp_path / "hub"))

@@ -1,0 +1,322 @@
+"""
+The data that flows between the stages: JSONL records with errors that name file and line,
+conversations (ours or ShareGPT's), the chat templates that render a conversation to token ids and a
+loss mask, packing and token-budget batches, resume helpers, and the dataclass -> command-line config.
+No torch at import time: annotate.py, an HTTP client, loads this file alone.
+"""
+import argparse, dataclasses, inspect, json, math, os, random, re, sys
+
+class DataError(ValueError):
+    """Bad input: the message starts with 'file:line:', and run_main prints it without a traceback."""
+
+# ----------------------------------------------------------------------------------------------------
+# JSONL: read with file:line errors, append, write atomically, resume
+
+def read_jsonl(path):
+    """Yield (where, record) with where = 'file:line'. Malformed lines raise DataError('file:line: ...')."""
+    if not os.path.exists(path):
+        raise DataError(f"{path}:0: no such file")
+    n = 0
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{i}: not UTF-8 (byte {e.start + 1} of the line)") from None
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+            n += 1
+            yield f"{path}:{i}", rec
+    if n == 0:
+        raise DataError(f"{path}:1: empty file, no records")
+
+def dumps(rec):
+    return json.dumps(rec, ensure_ascii=False) + "\n"
+
+def append_jsonl(path, records):
+    """One write per call: a kill loses at most a torn last line, which truncate_torn drops."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("".join(dumps(r) for r in records))
+
+def write_jsonl_atomic(path, records):
+    """Written aside, then renamed: a killed run never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(dumps(r) for r in records)
+    os.replace(path + ".tmp", path)
+
+def truncate_torn(path):
+    """Resume an append-only output: cut a torn last line (a kill mid-write) off the file, in place,
+    and return the ids of the complete records before it."""
+    ids = set()
+    if os.path.exists(path):
+        with open(path, "r+", encoding="utf-8") as f:
+            good = 0
+            for line in f:
+                try:
+                    ids.add(json.loads(line)["id"])
+                    good += len(line.encode("utf-8"))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break
+            f.truncate(good)
+    return ids
+
+# ----------------------------------------------------------------------------------------------------
+# Records: conversations in our format or ShareGPT's, datasets, Xwin-Set responses
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+def check_messages(messages, prompt=False):
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("empty conversation")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} needs a string 'content'")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"message {i}: unknown role {m.get('role')!r} (system, user or assistant)")
+        if m["role"] == "system" and i > 0:
+            raise ValueError(f"message {i}: a system message may only come first")
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    if not turns or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(turns)):
+        raise ValueError("turns must alternate user, assistant, ... starting with user")
+    if turns[-1] != ("user" if prompt else "assistant"):
+        raise ValueError(f"conversation must end with {'a user' if prompt else 'an assistant'} turn")
+
+def get_messages(rec, where, prompt=False):
+    """The record's conversation, normalized (ShareGPT accepted) and checked; errors name file:line."""
+    msgs = rec.get("messages")
+    if msgs is None and isinstance(rec.get("conversations"), list):
+        msgs = [{"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
+                if isinstance(m, dict) else m for m in rec["conversations"]]
+    try:
+        check_messages(msgs, prompt)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+def load_dataset_records(name, split="train"):
+    """A Hub dataset name or a local dataset folder, through `datasets`; records with where='name[i]'."""
+    import datasets
+    try:
+        ds = datasets.load_from_disk(name) if os.path.isdir(name) else \
+            datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise DataError(f"{name}:0: cannot load dataset ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        ds = ds[split]
+    return [(f"{name}[{i}]", dict(r)) for i, r in enumerate(ds)]
+
+def read_records(paths, split="train"):
+    """--data values: JSONL files, or a dataset name/folder. -> list of (where, record)."""
+    out = []
+    for p in paths:
+        is_file = p.endswith(".jsonl") or os.path.isfile(p)
+        out += list(read_jsonl(p)) if is_file else load_dataset_records(p, split)
+    return out
+
+def scored_responses(rec, where, n=0):
+    """The first n (0: all) responses of an Xwin-Set record, each checked for a string 'content' and a
+    finite numeric 'reward' (what sample.py --reward-model writes)."""
+    responses = rec.get("responses")
+    if not isinstance(responses, list) or not responses:
+        raise DataError(f"{where}: no responses "
+                        "(an Xwin-Set record needs 'responses': [{content, reward}, ...])")
+    cands = responses[:n] if n > 0 else responses
+    for i, r in enumerate(cands):
+        if not isinstance(r, dict) or not isinstance(r.get("content"), str):
+            raise DataError(f"{where}: response {i} needs a string 'content'")
+        reward = r.get("reward")
+        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+            raise DataError(f"{where}: response {i} has no numeric reward ({reward!r}); "
+                            "score the responses with sample.py --reward-model")
+    return cands
+
+def split_eval(items, frac, seed):
+    """-> (train, held out): a seeded random fraction of the items held out (at least one)."""
+    items = items[:]
+    random.Random(seed).shuffle(items)
+    k = max(1, int(len(items) * frac))
+    return items[k:], items[:k]
+
+# ----------------------------------------------------------------------------------------------------
+# Chat templates: one function renders a conversation to token ids and an assistant-only loss mask
+
+SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYSTEM_SMOL = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+TEMPLATES = {  # system part, user turn (ends with the assistant prefix), reply, text after the EOS
+    "vicuna": dict(bos=True, eos=None, system=SYSTEM_VICUNA, sys="{} ",
+                   user="USER: {} ASSISTANT:", reply=" {}", after_eos=""),
+    "chatml": dict(bos=False, eos="<|im_end|>", system=SYSTEM_SMOL,
+                   sys="<|im_start|>system\n{}<|im_end|>\n",
+                   user="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+                   reply="{}", after_eos="\n"),
+}
+JINJA = {  # the same templates for transformers' apply_chat_template and vLLM, saved with checkpoints
+    "vicuna": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+              "{% set sys = messages[0]['content'] %}{% set msgs = messages[1:] %}"
+              "{% else %}{% set sys = '" + SYSTEM_VICUNA.replace("'", "\\'") + "' %}"
+              "{% set msgs = messages %}{% endif %}{{ sys + ' ' }}"
+              "{% for m in msgs %}{% if m['role'] == 'user' %}"
+              "{{ 'USER: ' + m['content'] + ' ASSISTANT:' }}{% else %}"
+              "{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}",
+    "chatml": "{% if messages[0]['role'] != 'system' %}"
+              "{{ '<|im_start|>system\\n" + SYSTEM_SMOL + "<|im_end|>\\n' }}{% endif %}"
+              "{% for m in messages %}"
+              "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+}
+
+def get_template(saved, override=""):
+    """The template a run uses: --template when given, else the checkpoint's own (model.load_model)."""
+    name = override or saved
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}: {', '.join(TEMPLATES)}")
+    return name
+
+def eos_id(tok, template):
+    name = TEMPLATES[template]["eos"]
+    if name is None:
+        return tok.eos_token_id
+    i = tok.convert_tokens_to_ids(name)
+    if i is None or i == tok.unk_token_id:
+        raise ValueError(f"template {template} needs the token {name} in the vocabulary")
+    return i
+
+def stop_ids(tok, template, config_eos):
+    """Every id that ends a reply: the template's EOS and the checkpoint's eos_token_id(s)."""
+    extra = config_eos if isinstance(config_eos, list) else [config_eos]
+    return sorted({eos_id(tok, template)} | set(extra) - {None})
+
+def render(tok, messages, template, prompt=False):
+    """-> (ids, mask). mask[i] = 1 on every assistant token and its closing EOS, 0 elsewhere.
+    prompt=True renders a conversation ending with a user turn, open for the assistant to answer.
+    The ids are those of the whole rendered text (EOS written as its token, which the tokenizer maps to
+    the EOS id, so SentencePiece adds no leading space after it), cut at each turn boundary: the ids
+    of a prompt are a prefix of the ids of the same conversation with its answer."""
+    check_messages(messages, prompt)
+    t = TEMPLATES[template]
+    enc = lambda s: tok.encode(s, add_special_tokens=False)
+    eos = eos_id(tok, template)
+    eos_text = tok.convert_ids_to_tokens(eos)
+    system = messages[0]["content"] if messages[0]["role"] == "system" else t["system"]
+    ids = [tok.bos_token_id] if t["bos"] and tok.bos_token_id is not None else []
+    mask = [0] * len(ids)
+    text, done = t["sys"].format(system), []  # done: ids of the text so far, as cut at boundaries
+
+    def cut(flag):  # extend ids with the tokens of `text` beyond what is already done
+        nonlocal done
+        full = enc(text)
+        new = full[len(done):] if full[:len(done)] == done else enc(text[len(tok.decode(done)):])
+        done = done + new
+        ids.extend(new)
+        mask.extend([flag] * len(new))
+
+    for m in messages:
+        if m["role"] == "user":
+            text += t["user"].format(m["content"])
+        elif m["role"] == "assistant":
+            cut(0)
+            text += t["reply"].format(m["content"]) + eos_text
+            cut(1)
+            if ids[-1] != eos:
+                raise ValueError(f"the tokenizer does not map {eos_text!r} to its EOS id {eos}")
+            text += t["after_eos"]
+    if prompt:
+        cut(0)
+    return ids, mask
+
+def show_mask(tok, ids, mask):
+    """The tokens, with loss-masked ones in green: a glance tells whether the template is right."""
+    piece = lambda i: tok.decode([i]).replace("\n", "\\n\n")
+    return "".join(f"\033[42m{piece(i)}\033[0m" if m else piece(i) for i, m in zip(ids, mask))
+
+# ----------------------------------------------------------------------------------------------------
+# Batching: varlen packing, token-budget micro-batches, the plan of a whole run
+
+def keep_end(ids, max_len):
+    """Cut a sequence to max_len keeping its first token (BOS) and its end: a reward is read at the
+    closing EOS, so the end must survive."""
+    return ids if len(ids) <= max_len else ids[:1] + ids[len(ids) - max_len + 1:]
+
+def pack(docs, device="cpu"):
+    """A list of token lists -> one packed row: input_ids [T] and cu_seqlens [n+1] int32."""
+    import torch
+    lens = [len(d) for d in docs]
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    return torch.tensor([t for d in docs for t in d], dtype=torch.long, device=device), cu
+
+def make_batches(lengths, batch_tokens, seed=0, shuffle=True):
+    """Group items (by their token lengths) into micro-batches of at most batch_tokens tokens each, in
+    a seeded random order. Packing is varlen, so a micro-batch wastes nothing on padding."""
+    order = list(range(len(lengths)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    batches, cur, size = [], [], 0
+    for i in order:
+        if lengths[i] > batch_tokens:
+            raise DataError(f"--batch-tokens {batch_tokens} is smaller than an item of {lengths[i]} "
+                            "tokens: raise it or lower --max-len")
+        if cur and size + lengths[i] > batch_tokens:
+            batches.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += lengths[i]
+    return batches + ([cur] if cur else [])
+
+def plan_batches(lengths, batch_tokens, epochs, seed, counts=None, docs=1, shuffle=True):
+    """Every micro-batch of a run, epoch after epoch, each epoch in its own seeded order: deterministic,
+    so a resumed run and any number of ranks see the same batches. Each is {idx, tokens, docs (packed
+    sequences: `docs` per item), count (its share of the loss normalizer: counts[i] summed, else the
+    number of items)}."""
+    plan = []
+    for epoch in range(epochs):
+        for idx in make_batches(lengths, batch_tokens, seed + epoch, shuffle):
+            plan.append({"idx": idx, "tokens": sum(lengths[i] for i in idx), "docs": docs * len(idx),
+                         "count": sum(counts[i] for i in idx) if counts else len(idx)})
+    return plan
+
+# ----------------------------------------------------------------------------------------------------
+# Config: a dataclass -> argparse, help text from the field's trailing comment; the entry point
+
+def parse_config(cls, argv=None):
+    helps = {}
+    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # base fields too
+        helps |= dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(c), re.M))
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(default=default, help=helps.get(f.name, " "))
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(default, list):
+            p.add_argument(flag, nargs="+", action="extend", **kw)
+        else:
+            p.add_argument(flag, type=type(default) if default is not None else str, **kw)
+    args = p.parse_args(argv)
+    for f in dataclasses.fields(cls):  # `--data x` replaces a list default rather than extending it
+        v = getattr(args, f.name)
+        if isinstance(v, list) and f.default_factory is not dataclasses.MISSING:
+            d = f.default_factory()
+            if d and v[:len(d)] == d and len(v) > len(d):
+                setattr(args, f.name, v[len(d):])
+    return cls(**vars(args))
+
+def run_main(fn):
+    """Call a stage's main: a data error prints one line (file:line: reason) and exits 2, no traceback."""
+    try:
+        fn()
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
