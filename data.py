@@ -1,38 +1,39 @@
 """
 The data that flows between the stages: JSONL records with errors that name file and line,
-conversations (ours or ShareGPT's), the chat templates that render a conversation to token ids and a
-loss mask, packing and token-budget batches, resume helpers, and the dataclass -> command-line config.
-No torch at import time: annotate.py, an HTTP client, loads this file alone.
+conversations (ours or ShareGPT's), the chat templates that render a conversation to token ids and
+a loss mask, packing and token-budget batches, resume helpers, and the dataclass -> command-line
+config. No torch at import time: annotate.py, an HTTP client, loads this file alone.
 """
 import argparse, dataclasses, inspect, json, math, os, random, re, sys
 
 class DataError(ValueError):
-    """Bad input: the message starts with 'file:line:', and run_main prints it without a traceback."""
+    """Bad input: the message starts with 'file:line:'; run_main prints it without a traceback."""
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # JSONL: read with file:line errors, append, write atomically, resume
 
 def read_jsonl(path):
-    """Yield (where, record) with where = 'file:line'. Malformed lines raise DataError('file:line: ...')."""
+    """Yield ('file:line', record); a malformed line raises DataError('file:line: ...')."""
     if not os.path.exists(path):
         raise DataError(f"{path}:0: no such file")
     n = 0
     with open(path, "rb") as f:
         for i, raw in enumerate(f, 1):
+            where = f"{path}:{i}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{i}: not UTF-8 (byte {e.start + 1} of the line)") from None
+                raise DataError(f"{where}: not UTF-8 (byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(rec, dict):
-                raise DataError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             n += 1
-            yield f"{path}:{i}", rec
+            yield where, rec
     if n == 0:
         raise DataError(f"{path}:1: empty file, no records")
 
@@ -52,8 +53,8 @@ def write_jsonl_atomic(path, records):
     os.replace(path + ".tmp", path)
 
 def truncate_torn(path):
-    """Resume an append-only output: cut a torn last line (a kill mid-write) off the file, in place,
-    and return the ids of the complete records before it."""
+    """Resume an append-only output: cut a torn last line (a kill mid-write) off the file, in
+    place, and return the ids of the complete records before it."""
     ids = set()
     if os.path.exists(path):
         with open(path, "r+", encoding="utf-8") as f:
@@ -67,7 +68,7 @@ def truncate_torn(path):
             f.truncate(good)
     return ids
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Records: conversations in our format or ShareGPT's, datasets, Xwin-Set responses
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -80,21 +81,24 @@ def check_messages(messages, prompt=False):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i} needs a string 'content'")
         if m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"message {i}: unknown role {m.get('role')!r} (system, user or assistant)")
+            raise ValueError(f"message {i}: unknown role {m.get('role')!r} "
+                             "(system, user or assistant)")
         if m["role"] == "system" and i > 0:
             raise ValueError(f"message {i}: a system message may only come first")
     turns = [m["role"] for m in messages if m["role"] != "system"]
     if not turns or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(turns)):
         raise ValueError("turns must alternate user, assistant, ... starting with user")
     if turns[-1] != ("user" if prompt else "assistant"):
-        raise ValueError(f"conversation must end with {'a user' if prompt else 'an assistant'} turn")
+        raise ValueError("conversation must end with "
+                         f"{'a user' if prompt else 'an assistant'} turn")
 
 def get_messages(rec, where, prompt=False):
-    """The record's conversation, normalized (ShareGPT accepted) and checked; errors name file:line."""
+    """The record's conversation, normalized (ShareGPT too) and checked; errors name file:line."""
     msgs = rec.get("messages")
     if msgs is None and isinstance(rec.get("conversations"), list):
-        msgs = [{"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")}
-                if isinstance(m, dict) else m for m in rec["conversations"]]
+        msgs = [{"role": SHAREGPT_ROLES.get(m.get("from"), m.get("from")),
+                 "content": m.get("value")} if isinstance(m, dict) else m
+                for m in rec["conversations"]]
     try:
         check_messages(msgs, prompt)
     except ValueError as e:
@@ -102,7 +106,7 @@ def get_messages(rec, where, prompt=False):
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 def load_dataset_records(name, split="train"):
-    """A Hub dataset name or a local dataset folder, through `datasets`; records with where='name[i]'."""
+    """A Hub dataset or a local dataset folder, through `datasets`: records, where='name[i]'."""
     import datasets
     try:
         ds = datasets.load_from_disk(name) if os.path.isdir(name) else \
@@ -122,8 +126,8 @@ def read_records(paths, split="train"):
     return out
 
 def scored_responses(rec, where, n=0):
-    """The first n (0: all) responses of an Xwin-Set record, each checked for a string 'content' and a
-    finite numeric 'reward' (what sample.py --reward-model writes)."""
+    """The first n (0: all) responses of an Xwin-Set record, each checked for a string 'content'
+    and a finite numeric 'reward' (what sample.py --reward-model writes)."""
     responses = rec.get("responses")
     if not isinstance(responses, list) or not responses:
         raise DataError(f"{where}: no responses "
@@ -133,10 +137,15 @@ def scored_responses(rec, where, n=0):
         if not isinstance(r, dict) or not isinstance(r.get("content"), str):
             raise DataError(f"{where}: response {i} needs a string 'content'")
         reward = r.get("reward")
-        if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        numeric = isinstance(reward, (int, float)) and not isinstance(reward, bool)
+        if not numeric or not math.isfinite(reward):
             raise DataError(f"{where}: response {i} has no numeric reward ({reward!r}); "
                             "score the responses with sample.py --reward-model")
     return cands
+
+def truncated(response):
+    """A response stopped by sample.py's --max-new-tokens: it never ended (no EOS to train on)."""
+    return bool(response.get("truncated")) or response.get("finish_reason") == "length"
 
 def split_eval(items, frac, seed):
     """-> (train, held out): a seeded random fraction of the items held out (at least one)."""
@@ -145,11 +154,11 @@ def split_eval(items, frac, seed):
     k = max(1, int(len(items) * frac))
     return items[k:], items[:k]
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Chat templates: one function renders a conversation to token ids and an assistant-only loss mask
 
-SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. The "
+                 "assistant gives helpful, detailed, and polite answers to the user's questions.")
 SYSTEM_SMOL = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TEMPLATES = {  # system part, user turn (ends with the assistant prefix), reply, text after the EOS
     "vicuna": dict(bos=True, eos=None, system=SYSTEM_VICUNA, sys="{} ",
@@ -159,7 +168,7 @@ TEMPLATES = {  # system part, user turn (ends with the assistant prefix), reply,
                    user="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
                    reply="{}", after_eos="\n"),
 }
-JINJA = {  # the same templates for transformers' apply_chat_template and vLLM, saved with checkpoints
+JINJA = {  # the same, for transformers' apply_chat_template and vLLM; saved with checkpoints
     "vicuna": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
               "{% set sys = messages[0]['content'] %}{% set msgs = messages[1:] %}"
               "{% else %}{% set sys = '" + SYSTEM_VICUNA.replace("'", "\\'") + "' %}"
@@ -169,13 +178,13 @@ JINJA = {  # the same templates for transformers' apply_chat_template and vLLM, 
               "{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}",
     "chatml": "{% if messages[0]['role'] != 'system' %}"
               "{{ '<|im_start|>system\\n" + SYSTEM_SMOL + "<|im_end|>\\n' }}{% endif %}"
-              "{% for m in messages %}"
-              "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+              "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
+              "+ '<|im_end|>\\n' }}{% endfor %}"
               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
 }
 
 def get_template(saved, override=""):
-    """The template a run uses: --template when given, else the checkpoint's own (model.load_model)."""
+    """The run's template: --template when given, else the checkpoint's own (model.load_model)."""
     name = override or saved
     if name not in TEMPLATES:
         raise ValueError(f"unknown template {name!r}: {', '.join(TEMPLATES)}")
@@ -195,21 +204,29 @@ def stop_ids(tok, template, config_eos):
     extra = config_eos if isinstance(config_eos, list) else [config_eos]
     return sorted({eos_id(tok, template)} | set(extra) - {None})
 
-def render(tok, messages, template, prompt=False):
+def render(tok, messages, template, prompt=False, closed=True):
     """-> (ids, mask). mask[i] = 1 on every assistant token and its closing EOS, 0 elsewhere.
     prompt=True renders a conversation ending with a user turn, open for the assistant to answer.
-    The ids are those of the whole rendered text (EOS written as its token, which the tokenizer maps to
-    the EOS id, so SentencePiece adds no leading space after it), cut at each turn boundary: the ids
-    of a prompt are a prefix of the ids of the same conversation with its answer."""
+    The ids are those of the whole rendered text (EOS written as its token, which the tokenizer
+    maps to the EOS id, so SentencePiece adds no leading space after it), cut at each turn
+    boundary: the ids of a prompt are a prefix of the ids of the same conversation with its answer.
+    A special token's text inside a message ("</s>" pasted by a user) is spelled in ordinary
+    tokens, never that token. closed=False leaves the last reply without its EOS: a reply cut at
+    --max-new-tokens never ended, and scoring or training it as if it had would teach the model
+    to stop there."""
     check_messages(messages, prompt)
     t = TEMPLATES[template]
-    enc = lambda s: tok.encode(s, add_special_tokens=False)
+    enc = lambda s, **kw: tok.encode(s, add_special_tokens=False, **kw)
     eos = eos_id(tok, template)
     eos_text = tok.convert_ids_to_tokens(eos)
+    literal = special_pattern(tok)
     system = messages[0]["content"] if messages[0]["role"] == "system" else t["system"]
     ids = [tok.bos_token_id] if t["bos"] and tok.bos_token_id is not None else []
     mask = [0] * len(ids)
-    text, done = t["sys"].format(system), []  # done: ids of the text so far, as cut at boundaries
+    # Encoded a window at a time: text and done (its ids, cut at boundaries) restart at each EOS.
+    # Tokenizers split at special tokens before anything else, so what follows an EOS tokenizes the
+    # same in the window (which starts with the EOS) as in the whole text, and the cost is linear.
+    text, done = "", []
 
     def cut(flag):  # extend ids with the tokens of `text` beyond what is already done
         nonlocal done
@@ -219,26 +236,53 @@ def render(tok, messages, template, prompt=False):
         ids.extend(new)
         mask.extend([flag] * len(new))
 
-    for m in messages:
+    def add(form, content, flag):  # template text around a message's content
+        nonlocal text, done
+        before, after = form.split("{}")
+        text += before
+        for i, piece in enumerate(literal.split(content) if literal else [content]):
+            if i % 2 == 0:
+                text += piece
+                continue
+            cut(flag)  # a literal special token: its text in plain tokens, then on as after an EOS
+            plain = enc(piece, split_special_tokens=True)
+            ids.extend(plain)
+            mask.extend([flag] * len(plain))
+            text, done = eos_text, [eos]
+        text += after
+
+    add(t["sys"], system, 0)
+    for i, m in enumerate(messages):
         if m["role"] == "user":
-            text += t["user"].format(m["content"])
+            add(t["user"], m["content"], 0)
+        elif m["role"] == "assistant" and not closed and i == len(messages) - 1:
+            cut(0)  # an unfinished reply: no EOS, nothing after
+            add(t["reply"], m["content"], 1)
+            cut(1)
         elif m["role"] == "assistant":
             cut(0)
-            text += t["reply"].format(m["content"]) + eos_text
+            add(t["reply"] + eos_text, m["content"], 1)
             cut(1)
             if ids[-1] != eos:
                 raise ValueError(f"the tokenizer does not map {eos_text!r} to its EOS id {eos}")
-            text += t["after_eos"]
+            text, done = eos_text + t["after_eos"], [eos]
     if prompt:
         cut(0)
     return ids, mask
+
+def special_pattern(tok):
+    """A regex splitting text at the tokenizer's special and added tokens' strings (kept as
+    groups), or None when it has none."""
+    names = set(tok.all_special_tokens) | {a.content for a in tok.added_tokens_decoder.values()}
+    names = sorted((n for n in names if n), key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
 def show_mask(tok, ids, mask):
     """The tokens, with loss-masked ones in green: a glance tells whether the template is right."""
     piece = lambda i: tok.decode([i]).replace("\n", "\\n\n")
     return "".join(f"\033[42m{piece(i)}\033[0m" if m else piece(i) for i, m in zip(ids, mask))
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Batching: varlen packing, token-budget micro-batches, the plan of a whole run
 
 def keep_end(ids, max_len):
@@ -254,16 +298,16 @@ def pack(docs, device="cpu"):
     return torch.tensor([t for d in docs for t in d], dtype=torch.long, device=device), cu
 
 def make_batches(lengths, batch_tokens, seed=0, shuffle=True):
-    """Group items (by their token lengths) into micro-batches of at most batch_tokens tokens each, in
-    a seeded random order. Packing is varlen, so a micro-batch wastes nothing on padding."""
+    """Group items (by their token lengths) into micro-batches of at most batch_tokens tokens
+    each, in a seeded random order. Packing is varlen: a micro-batch wastes nothing on padding."""
     order = list(range(len(lengths)))
     if shuffle:
         random.Random(seed).shuffle(order)
     batches, cur, size = [], [], 0
     for i in order:
         if lengths[i] > batch_tokens:
-            raise DataError(f"--batch-tokens {batch_tokens} is smaller than an item of {lengths[i]} "
-                            "tokens: raise it or lower --max-len")
+            raise DataError(f"--batch-tokens {batch_tokens} is smaller than an item of "
+                            f"{lengths[i]} tokens: raise it or lower --max-len")
         if cur and size + lengths[i] > batch_tokens:
             batches.append(cur)
             cur, size = [], 0
@@ -272,26 +316,31 @@ def make_batches(lengths, batch_tokens, seed=0, shuffle=True):
     return batches + ([cur] if cur else [])
 
 def plan_batches(lengths, batch_tokens, epochs, seed, counts=None, docs=1, shuffle=True):
-    """Every micro-batch of a run, epoch after epoch, each epoch in its own seeded order: deterministic,
-    so a resumed run and any number of ranks see the same batches. Each is {idx, tokens, docs (packed
-    sequences: `docs` per item), count (its share of the loss normalizer: counts[i] summed, else the
-    number of items)}."""
+    """Every micro-batch of a run, epoch after epoch, each epoch in its own seeded order:
+    deterministic, so a resumed run and any number of ranks see the same batches. Each is {idx,
+    tokens, docs (packed sequences: `docs` per item), count (its share of the loss normalizer:
+    counts[i] summed, else the number of items)}."""
     plan = []
     for epoch in range(epochs):
         for idx in make_batches(lengths, batch_tokens, seed + epoch, shuffle):
-            plan.append({"idx": idx, "tokens": sum(lengths[i] for i in idx), "docs": docs * len(idx),
-                         "count": sum(counts[i] for i in idx) if counts else len(idx)})
+            count = sum(counts[i] for i in idx) if counts else len(idx)
+            plan.append({"idx": idx, "tokens": sum(lengths[i] for i in idx),
+                         "docs": docs * len(idx), "count": count})
     return plan
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Config: a dataclass -> argparse, help text from the field's trailing comment; the entry point
 
 def parse_config(cls, argv=None):
     helps = {}
     for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):  # base fields too
-        helps |= dict(re.findall(r"^\s+(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(c), re.M))
+        # a field's help: its trailing comment, continued on deeper-indented comment lines below it
+        src = inspect.getsource(c)
+        found = re.findall(r"^( +)(\w+)\s*:[^#\n]*#\s*(.*(?:\n\1 +#.*)*)", src, re.M)
+        helps |= {name: re.sub(r"\s*\n\s*#\s*", " ", text) for _, name, text in found}
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw = dict(default=default, help=helps.get(f.name, " "))
@@ -303,7 +352,7 @@ def parse_config(cls, argv=None):
         else:
             p.add_argument(flag, type=type(default) if default is not None else str, **kw)
     args = p.parse_args(argv)
-    for f in dataclasses.fields(cls):  # `--data x` replaces a list default rather than extending it
+    for f in dataclasses.fields(cls):  # `--data x` replaces a list default, not extends it
         v = getattr(args, f.name)
         if isinstance(v, list) and f.default_factory is not dataclasses.MISSING:
             d = f.default_factory()
@@ -312,7 +361,7 @@ def parse_config(cls, argv=None):
     return cls(**vars(args))
 
 def run_main(fn):
-    """Call a stage's main: a data error prints one line (file:line: reason) and exits 2, no traceback."""
+    """Call a stage's main: a data error prints one line (file:line: reason) and exits 2."""
     try:
         fn()
     except (DataError, FileNotFoundError) as e:

@@ -1,11 +1,11 @@
 """
 The Llama: a decoder with Hugging Face parameter names, attention (flash-attn varlen on CUDA when
-installed, PyTorch SDPA otherwise), a static KV cache with cascade attention for n samples of a prompt,
-the reward (score) head, chunked log-probs, batched generation, and checkpoints: load an HF folder, a
-Hub id or a GGUF file, save an HF folder that transformers and vLLM load. Torch only: the chat
-templates and data live in data.py, the training loop in training.py.
+installed, PyTorch SDPA otherwise), a static KV cache with cascade attention for n samples of a
+prompt, the reward (score) head, chunked log-probs, batched generation, and checkpoints: load an HF
+folder, a Hub id or a GGUF file, save an HF folder that transformers and vLLM load. Torch only: the
+chat templates and data live in data.py, the training loop in training.py.
 """
-import dataclasses, glob, json, os, resource, shutil
+import dataclasses, fcntl, glob, json, os, resource, shutil
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ try:  # optional: only on CUDA machines where it was installed by hand (see READ
 except ImportError:
     flash_attn_varlen_func = None
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Config: the LlamaConfig fields we use, read from and written to HF config.json
 
 @dataclass
@@ -51,8 +51,9 @@ class LlamaConfig:
 
     def to_hf(self, reward=False):
         d = dataclasses.asdict(self)
+        arch = "LlamaForSequenceClassification" if reward else "LlamaForCausalLM"
         d.update(model_type="llama", hidden_act="silu", attention_bias=False, mlp_bias=False,
-                 architectures=["LlamaForSequenceClassification" if reward else "LlamaForCausalLM"])
+                 architectures=[arch])
         if reward:
             d.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
         return d
@@ -70,7 +71,7 @@ class LlamaConfig:
         return 6 * self.num_params(embeddings=False) + 6 * self.vocab_size * self.hidden_size \
             + 12 * self.num_hidden_layers * self.num_attention_heads * self.head_dim * seq_len
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The model
 
 class RMSNorm(nn.Module):
@@ -85,20 +86,31 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)  # same order of casts as HF, for bit-level parity
 
 def rope(position_ids, head_dim, theta, dtype):
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    dims = torch.arange(0, head_dim, 2, device=position_ids.device).float()
+    inv_freq = 1.0 / (theta ** (dims / head_dim))
     freqs = position_ids.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 def apply_rope(x, cos, sin):  # x [..., T, H, D], cos/sin [..., T, D]
+    """Rotated x, in x's dtype: under autocast q and k leave their projections in bf16 while cos
+    and sin follow the fp32 residual stream; flash-attn needs q, k and v in one 16-bit dtype."""
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.unsqueeze(-2) + torch.cat([-x2, x1], dim=-1) * sin.unsqueeze(-2)
+    return (x * cos.unsqueeze(-2) + torch.cat([-x2, x1], dim=-1) * sin.unsqueeze(-2)).to(x.dtype)
+
+def use_flash(q):
+    """flash-attn varlen takes fp16/bf16 CUDA tensors only (fp32 goes to SDPA). The tests' stand-in
+    for it (tests/flash_stub) checks the kernel's contract on CPU and says so by runs_on_cpu."""
+    f = flash_attn_varlen_func
+    return f is not None and q.dtype in (torch.float16, torch.bfloat16) and \
+        (q.is_cuda or getattr(f, "runs_on_cpu", False))
 
 def attention(q, k, v, cu_seqlens, max_seqlen):
-    """Causal attention over packed documents. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [n+1] int32
-    marks document boundaries: no token attends across them. Returns [T, Hq, D]."""
-    if flash_attn_varlen_func is not None and q.is_cuda:
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=True)
+    """Causal attention over packed documents. q [T, Hq, D], k/v [T, Hkv, D], cu_seqlens [n+1]
+    int32 marks document boundaries: no token attends across them. Returns [T, Hq, D]."""
+    if use_flash(q):  # flash-attn's varlen kernel takes the packed documents as they are
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                      causal=True)
     bounds = cu_seqlens.tolist()
     lens = {b - a for a, b in zip(bounds[:-1], bounds[1:])}
     gqa = q.shape[1] != k.shape[1]
@@ -107,17 +119,20 @@ def attention(q, k, v, cu_seqlens, max_seqlen):
         q, k, v = (t.view(n, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return o.transpose(1, 2).reshape(-1, *o.shape[1:2], o.shape[-1])
-    out = []  # one SDPA per document: exact block-diagonal attention with no compute spent on the mask
-    for a, b in zip(bounds[:-1], bounds[1:]):  # 4-D [1, H, t, D]: CPU's flash kernel (GQA too) takes only 4-D, else math
+    # One SDPA per document: exact block-diagonal attention, no compute spent on a mask. Each is
+    # 4-D [1, H, t, D]: CPU's flash kernel (GQA too) takes only 4-D, else SDPA runs its math one.
+    out = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
         qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
-        out.append(F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)[0].transpose(0, 1))
+        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
+        out.append(oi[0].transpose(0, 1))
     return torch.cat(out)
 
 class KVCache:
     """Static, preallocated (gpt-fast style). Each row has its own length, so prompts of different
     lengths need no padding; rows can be copied and dropped (finished samples). With `prefix` (a
-    KVCache holding one row per prompt) row b first attends to prefix row prompt[b]: the n samples of
-    a prompt then read its keys once per step instead of n times (cascade attention, as in Hydragen)."""
+    KVCache holding one row per prompt) row b first attends to prefix row prompt[b]: the n samples
+    of a prompt then read its keys once a step, not n times (cascade attention, as in Hydragen)."""
     def __init__(self, cfg, batch, max_len, device, dtype, prefix=None, prompt=None):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -128,16 +143,18 @@ class KVCache:
         if prefix is not None:
             self._grid()
 
-    def _grid(self):  # row b sits at (prompt[b], slot[b]) of a [prompts, width] grid; rows are grouped by prompt
+    # row b sits at (prompt[b], slot[b]) of a [prompts, width] grid; rows are grouped by prompt
+    def _grid(self):
         counts = torch.bincount(self.prompt, minlength=self.prefix.k.shape[1])
-        self.slot = torch.arange(len(self.prompt), device=self.prompt.device) - (counts.cumsum(0) - counts)[self.prompt]
+        first = (counts.cumsum(0) - counts)[self.prompt]  # the first row of row b's prompt
+        self.slot = torch.arange(len(self.prompt), device=self.prompt.device) - first
         self.width = int(counts.max())
 
     def positions(self, t):
         pos = self.lengths[:, None] + torch.arange(t, device=self.lengths.device)
         return pos if self.prefix is None else pos + self.prefix.lengths[self.prompt][:, None]
 
-    def copy_from(self, rows, other, src=0):  # rows of self <- row src of other (a prefilled prompt)
+    def copy_from(self, rows, other, src=0):  # self[rows] <- other[src], a prefilled prompt
         n = int(other.lengths[src])
         self.k[:, rows, :, :n] = other.k[:, src:src + 1, :, :n]
         self.v[:, rows, :, :n] = other.v[:, src:src + 1, :, :n]
@@ -145,11 +162,12 @@ class KVCache:
         self.used = max(self.used, n)
 
     def keep(self, rows):
-        """Keep only these rows (ascending), compacted in place: copies just the filled part of the cache."""
+        """Keep only these rows (ascending), compacted in place: copies only the filled part."""
         m, S = len(rows), self.used
         self.k[:, :m, :, :S] = self.k[:, rows, :, :S]
         self.v[:, :m, :, :S] = self.v[:, rows, :, :S]
         self.k, self.v, self.lengths = self.k[:, :m], self.v[:, :m], self.lengths[rows]
+        self.used = int(self.lengths.max())  # rows that leave may have been the longest
         if self.prefix is not None:  # prompts whose samples are all done leave too
             live, self.prompt = torch.unique(self.prompt[rows], return_inverse=True)
             if len(live) < self.prefix.k.shape[1]:
@@ -172,7 +190,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*shape, self.nkv, self.hd)
         if cache is None:  # packed training / scoring: x is [T, hidden]
             return self.o_proj(attention(q, k, v, cu_seqlens, max_seqlen).reshape(*shape, -1))
-        B, t = shape  # decoding: x is [B, t, hidden]; row b's new tokens go at lengths[b] + arange(t)
+        B, t = shape  # decoding: x [B, t, hidden]; row b's new tokens go at lengths[b] + arange(t)
         pos = cache.lengths[:, None] + torch.arange(t, device=x.device)
         rows = torch.arange(B, device=x.device)[:, None]
         cache.k[layer][rows, :, pos] = k
@@ -182,31 +200,40 @@ class Attention(nn.Module):
         if cache.prefix is not None:
             o = cascade_attention(q, cache, layer, S, mask)
         else:
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), cache.k[layer][:, :, :S], cache.v[layer][:, :, :S],
-                                               attn_mask=mask[:, None], enable_gqa=self.nh != self.nkv).transpose(1, 2)
+            k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask[:, None],
+                                               enable_gqa=self.nh != self.nkv).transpose(1, 2)
         return self.o_proj(o.reshape(B, t, -1))
 
 def cascade_attention(q, cache, layer, S, mask):
-    """Attention of q [B, t, Hq, D] over the shared prompt keys (cache.prefix) then each row's own keys
-    (mask [B, t, S]), in one softmax. Each prompt's keys meet the queries of all its rows in one matmul:
-    the rows are scattered into a [prompts, width] grid for it. Scores in the cache dtype, softmax in
-    fp32 (as HF's eager attention). Query head h uses key head h // (Hq / Hkv), as HF's repeat_kv."""
+    """Attention of q [B, t, Hq, D] over the shared prompt keys (cache.prefix) then each row's own
+    keys (mask [B, t, S]), in one softmax. Each prompt's keys meet the queries of all its rows in
+    one matmul: the rows are scattered into a [prompts, width] grid for it. Scores in the cache
+    dtype, softmax in fp32 (as HF eager attention); query head h uses key head h // (Hq / Hkv)."""
     B, t, Hq, D = q.shape
-    pre, P, Sp = cache.prefix, cache.prefix.k.shape[1], cache.prefix.used
-    pk, pv, k, v = pre.k[layer][:, :, :Sp], pre.v[layer][:, :, :Sp], cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
+    pre, P, Sp, W = cache.prefix, cache.prefix.k.shape[1], cache.prefix.used, cache.width
+    pk, pv = pre.k[layer][:, :, :Sp], pre.v[layer][:, :, :Sp]
+    k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
     Hkv = k.shape[1]
-    G = Hq // Hkv * t
+    G = Hq // Hkv * t  # the queries that share a key head: Hq / Hkv heads x t tokens
     q = (q * D ** -0.5).transpose(1, 2).reshape(B, Hkv, G, D)
-    grid = q.new_zeros(P, Hkv, cache.width, G, D)
+    # Scores against the prompt keys: the rows scattered into the grid, one matmul per prompt
+    grid = q.new_zeros(P, Hkv, W, G, D)
     grid[cache.prompt, :, cache.slot] = q
-    s_pre = (grid.view(P, Hkv, -1, D) @ pk.transpose(-1, -2)).view(P, Hkv, cache.width, G, Sp)[cache.prompt, :, cache.slot]
-    seen = torch.cat([(torch.arange(Sp, device=q.device) < pre.lengths[cache.prompt][:, None])[:, None, None].expand(B, 1, G, Sp),
-                      mask[:, None, None].expand(B, 1, G // t, t, S).reshape(B, 1, G, S)], -1)
-    p = torch.cat([s_pre, q @ k.transpose(-1, -2)], -1).float().masked_fill(~seen, float("-inf")).softmax(-1).to(q.dtype)
+    s_pre = (grid.view(P, Hkv, -1, D) @ pk.transpose(-1, -2)).view(P, Hkv, W, G, Sp)
+    s_pre = s_pre[cache.prompt, :, cache.slot]
+    # What each query sees: its prompt's filled keys, then its own row's past (mask)
+    seen_pre = torch.arange(Sp, device=q.device) < pre.lengths[cache.prompt][:, None]  # [B, Sp]
+    seen_own = mask[:, None, None].expand(B, 1, G // t, t, S).reshape(B, 1, G, S)
+    seen = torch.cat([seen_pre[:, None, None].expand(B, 1, G, Sp), seen_own], -1)
+    # One softmax over prompt and own keys together
+    s = torch.cat([s_pre, q @ k.transpose(-1, -2)], -1).float()
+    p = s.masked_fill(~seen, float("-inf")).softmax(-1).to(q.dtype)
+    # Values: the own part directly, the prompt part through the grid again
     o = p[..., Sp:] @ v
-    grid = p.new_zeros(P, Hkv, cache.width, G, Sp)
+    grid = p.new_zeros(P, Hkv, W, G, Sp)
     grid[cache.prompt, :, cache.slot] = p[..., :Sp]
-    o = o + (grid.view(P, Hkv, -1, Sp) @ pv).view(P, Hkv, cache.width, G, D)[cache.prompt, :, cache.slot]
+    o = o + (grid.view(P, Hkv, -1, Sp) @ pv).view(P, Hkv, W, G, D)[cache.prompt, :, cache.slot]
     return o.view(B, Hq, t, D).transpose(1, 2)
 
 class MLP(nn.Module):
@@ -238,7 +265,7 @@ class Decoder(nn.Module):  # HF's LlamaModel: the `model.` prefix of every param
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 class Llama(nn.Module):
-    """LlamaForCausalLM (lm_head) or LlamaForSequenceClassification (score, reward=True), HF names."""
+    """HF's LlamaForCausalLM (lm_head) or LlamaForSequenceClassification (score, reward=True)."""
     def __init__(self, cfg, reward=False):
         super().__init__()
         self.cfg, self.reward, self.grad_ckpt = cfg, reward, False
@@ -257,17 +284,19 @@ class Llama(nn.Module):
         return self.model.embed_tokens.weight.dtype
 
     def head_weight(self):
-        return self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        tied = self.cfg.tie_word_embeddings
+        return self.model.embed_tokens.weight if tied else self.lm_head.weight
 
-    def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, targets=None, last=None):
-        """Packed: input_ids [T] with cu_seqlens [n+1] (position_ids restart per document; derived if
-        omitted), or a batch [B, T] of equal-length rows. Decoding: [B, t] with a KVCache. Returns
-          targets given -> log p(targets) per token [T] (0 where target is -100), in chunks, no full logits;
+    def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, targets=None,
+                last=None):
+        """Packed: input_ids [T] with cu_seqlens [n+1] (position_ids restart per document; derived
+        if omitted), or a batch [B, T] of equal-length rows. Decoding: [B, t] with `cache`. Returns
+          targets given -> log p(targets) per token [T] (0 where target is -100), no full logits;
           reward model  -> rewards [n] read at each document's last token (or at `last` indices);
           otherwise     -> logits (of the last token per row when decoding)."""
         if cache is None and input_ids.dim() == 2:  # equal-length rows: pack them
             B, T = input_ids.shape
-            cu_seqlens = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=input_ids.device)
+            cu_seqlens = T * torch.arange(B + 1, dtype=torch.int32, device=input_ids.device)
             input_ids = input_ids.reshape(-1)
         if cache is not None:
             position_ids = cache.positions(input_ids.shape[1])
@@ -278,7 +307,8 @@ class Llama(nn.Module):
         cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.model.layers):
             if self.grad_ckpt and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, cache, i, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen, cache, i,
+                               use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache, i)
         x = self.model.norm(x)
@@ -287,7 +317,9 @@ class Llama(nn.Module):
             cache.used += input_ids.shape[1]
         if self.reward:
             idx = cu_seqlens[1:].long() - 1 if last is None else last
-            return self.score(x[idx]).squeeze(-1).float()
+            # in fp32: a bf16 reward has 8 bits of mantissa (steps of 1/64 for |r| in [2, 4))
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x[idx].float(), self.score.weight.float()).squeeze(-1)
         if targets is not None:
             return chunked_logprobs(x, self.head_weight(), targets)
         if cache is not None:
@@ -295,17 +327,18 @@ class Llama(nn.Module):
         return F.linear(x, self.head_weight())
 
 class ChunkedLogprobs(torch.autograd.Function):
-    """log p(t | h) = h.w_t - logsumexp(h W^T) for rows h [N, d], a chunk of rows at a time: the [N, vocab]
-    fp32 logits, the largest activation of a small model, never exist at once (what TRL/Liger call chunked
-    CE). Backward recomputes a chunk's logits and turns them in place into d lp / d logits = onehot -
-    softmax: one chunk buffer and no log_softmax copy, 20-30% faster than checkpointed cross_entropy on CPU.
-    Under autocast both passes run the matmuls in its dtype, so backward sees forward's logits."""
+    """log p(t | h) = h.w_t - logsumexp(h W^T) for rows h [N, d], a chunk of rows at a time: the
+    [N, vocab] fp32 logits, the largest activation of a small model, never exist at once (what
+    TRL/Liger call chunked CE). Backward recomputes a chunk's logits and turns them in place into
+    d lp / d logits = onehot - softmax: one chunk buffer and no log_softmax copy, 20-30% faster
+    than checkpointed cross_entropy on CPU. Under autocast both passes run the matmuls in its
+    dtype, so backward sees forward's logits."""
     @staticmethod
     def forward(ctx, h, w, t, chunk):
         ctx.dtypes, dev = (h.dtype, w.dtype), h.device.type
         if torch.is_autocast_enabled(dev):
             h, w = h.to(torch.get_autocast_dtype(dev)), w.to(torch.get_autocast_dtype(dev))
-        lp, lse = h.new_empty(len(h), dtype=torch.float32), h.new_empty(len(h), dtype=torch.float32)
+        lp, lse = (h.new_empty(len(h), dtype=torch.float32) for _ in range(2))
         for i in range(0, len(h), chunk):
             z = F.linear(h[i:i + chunk], w).float()
             lse[i:i + chunk] = z.logsumexp(-1)
@@ -320,8 +353,9 @@ class ChunkedLogprobs(torch.autograd.Function):
         dh, dw = torch.empty_like(h), torch.zeros_like(w, dtype=torch.float32)
         for i in range(0, len(h), ctx.chunk):
             sl = slice(i, i + ctx.chunk)
-            z = F.linear(h[sl], w).float().sub_(lse[sl, None]).exp_().mul_(-g[sl, None])  # -g * softmax
-            z = z.scatter_add_(1, t[sl, None], g[sl, None]).to(h.dtype)  # + g * onehot
+            # g * d lp / d logits, in place: -g * softmax, then + g * onehot
+            z = F.linear(h[sl], w).float().sub_(lse[sl, None]).exp_().mul_(-g[sl, None])
+            z = z.scatter_add_(1, t[sl, None], g[sl, None]).to(h.dtype)
             dh[sl] = z @ w
             if dw.dtype == z.dtype:
                 dw.addmm_(z.t(), h[sl])
@@ -330,11 +364,12 @@ class ChunkedLogprobs(torch.autograd.Function):
         return dh.to(ctx.dtypes[0]), dw.to(ctx.dtypes[1]), None, None
 
 def chunked_logprobs(h, w, targets, chunk=None):
-    """log p(targets) [T] (0 where a target is -100) from hidden states h [T, d] and the head w [vocab, d].
-    Only positions with a target get logits: prompt and user tokens cost no head matmul."""
+    """log p(targets) [T] (0 where a target is -100) from hidden states h [T, d] and the head w
+    [vocab, d]. Only positions with a target get logits: prompt and user tokens cost no matmul."""
     chunk = chunk or max(128, 2 ** 24 // w.shape[0])  # ~64 MB of fp32 logits a chunk
     keep = (targets.reshape(-1) >= 0).nonzero().squeeze(1)
-    lp = ChunkedLogprobs.apply(h.reshape(-1, h.shape[-1])[keep], w, targets.reshape(-1)[keep], chunk)
+    rows = h.reshape(-1, h.shape[-1])[keep]
+    lp = ChunkedLogprobs.apply(rows, w, targets.reshape(-1)[keep], chunk)
     return lp.new_zeros(targets.numel()).index_copy(0, keep, lp).view(targets.shape)
 
 def positions_from_cu(cu_seqlens):
@@ -342,22 +377,22 @@ def positions_from_cu(cu_seqlens):
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens)
     return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
 
-# ----------------------------------------------------------------------------------------------------
-# Generation: batched, n samples per prompt sharing the prompt's prefill, finished rows leave the batch
+# -------------------------------------------------------------------------------------------------
+# Generation: batched, n samples per prompt share its prefill, finished rows leave the batch
 
 def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
-    """One token per row: argmax at temperature 0, else top-k then top-p (the smallest set of the most
-    likely tokens whose mass reaches top_p) filtering and inverse-CDF sampling with one uniform draw per
-    row (u [B], from generator when not given). torch.multinomial would draw one exponential per vocab
-    entry, which costs more than the whole model step on CPU; a full sort for top-p costs more still."""
+    """One token per row: argmax at temperature 0, else top-k then top-p (the smallest set of the
+    most likely tokens whose mass reaches top_p) filtering and inverse-CDF sampling with one
+    uniform draw per row (u [B], from generator when not given). torch.multinomial would draw an
+    exponential per vocab entry: on CPU more than a whole model step; a full sort, more still."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = logits.to(torch.float32, copy=True).div_(temperature)  # in place from here: [B, vocab] is large
+    probs = logits.to(torch.float32, copy=True).div_(temperature)  # in place from here on
     V = probs.shape[-1]
     if top_k and top_k < V:
         probs.masked_fill_(probs < probs.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
     probs = probs.sub_(probs.amax(-1, keepdim=True)).exp_()  # unnormalized
-    if top_p < 1.0:  # the nucleus is nearly always among the first few dozen tokens: look there first
+    if top_p < 1.0:  # the nucleus is nearly always in the first few dozen tokens: look there first
         total, k = probs.sum(-1, keepdim=True), min(V, 64)
         while True:
             top = probs.topk(k, dim=-1).values
@@ -366,48 +401,70 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
                 break
             k = min(V, 8 * k)
         probs.masked_fill_(probs < top.gather(-1, (before < top_p).sum(-1, keepdim=True) - 1), 0)
+    # Inverse CDF: the first index whose cdf exceeds x (< total): never past the end, never 0-mass
     cdf = probs.cumsum_(-1)
     total = cdf[:, -1:]
     u = torch.rand(len(cdf), generator=generator, device=cdf.device) if u is None else u
-    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total: never past the end
-    return torch.searchsorted(cdf, x, right=True).squeeze(-1)  # first index whose cdf exceeds x: never a 0-mass token
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)
+
+def check_sampling(n, temperature, top_p, top_k):
+    """Out-of-range sampling parameters: a clear error here, not an index error in sample_next."""
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
 
 @torch.no_grad()
-def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0, top_k=0, eos_ids=(),
-             stop=(), tokenizer=None, on_token=None, generator=None, max_len=None, on_logits=None):
+def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0, top_k=0,
+             eos_ids=(), stop=(), tokenizer=None, on_token=None, generator=None, max_len=None,
+             on_logits=None):
     """prompts: list of token-id lists. Returns, per prompt, n dicts {ids, finish_reason} with
     finish_reason 'eos', 'stop' (a stop string; ids end with it) or 'length'.
     on_token(row, token_id) streams; row = prompt_index * n + sample_index.
-    on_logits(rows, logits) sees each step's logits [len(rows), vocab] before sampling (for logprobs);
-    rows[j] is the row of logits[j]; rows already finished but not yet compacted away are included.
-    generator: a torch.Generator, or a list with one per prompt. Each step draws n uniforms per prompt
-    from its generator, finished samples or not, so with one generator per prompt a prompt's samples do
-    not depend on the other prompts of the batch (nor on when rows are compacted)."""
+    on_logits(rows, logits) sees each step's logits [len(rows), vocab] before sampling (for
+    logprobs); rows[j] is the row of logits[j]; rows finished but not yet compacted away are in.
+    generator: a torch.Generator, or a list with one per prompt. Each step draws n uniforms per
+    prompt from its generator, finished samples or not, so with one generator per prompt a prompt's
+    samples do not depend on the other prompts of the batch (nor on when rows are compacted)."""
+    check_sampling(n, temperature, top_p, top_k)
     model.eval()
     cfg, dev, dtype = model.cfg, model.device, model.dtype
     limit = max_len or cfg.max_position_embeddings
     budgets = [min(max_new_tokens, limit - len(p)) for p in prompts]
     if min(budgets) < 1:
-        raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room to generate (max_len {limit})")
+        raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room to generate "
+                         f"(max_len {limit})")
     P, B = len(prompts), len(prompts) * n
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * P
-    shared = n > 1  # one sample per prompt (chat) shares nothing: plain rows and SDPA, a third fewer ops a step
-    prefix = KVCache(cfg, P, max(map(len, prompts)), dev, dtype) if shared else None
-    cache = None if shared else KVCache(cfg, B, max(len(p) + b for p, b in zip(prompts, budgets)), dev, dtype)
+
+    # Caches. n > 1: the prompts in `prefix`, each row's own tokens in `cache` (cascade attention).
+    # n == 1 (chat) shares nothing: plain rows holding prompt and reply, a third fewer ops a step.
+    shared = n > 1
+    if shared:
+        prefix = KVCache(cfg, P, max(map(len, prompts)), dev, dtype)
+    else:
+        cache = KVCache(cfg, B, max(len(p) + b for p, b in zip(prompts, budgets)), dev, dtype)
     first = []
-    for i, p in enumerate(prompts):  # prefill each prompt once: its n samples share its keys (cascade_attention)
+    for i, p in enumerate(prompts):  # prefill each prompt once: its n samples share its keys
         one = KVCache(cfg, 1, len(p), dev, dtype)
         first.append(model(torch.tensor([p], device=dev), cache=one)[0])
         (prefix if shared else cache).copy_from(slice(i, i + 1), one)
         del one
     if shared:
-        cache = KVCache(cfg, B, max(budgets), dev, dtype, prefix, torch.arange(P, device=dev).repeat_interleave(n))
+        owner = torch.arange(P, device=dev).repeat_interleave(n)
+        cache = KVCache(cfg, B, max(budgets), dev, dtype, prefix, owner)
 
     def draws(live):  # uniforms for the live rows (indices into the B samples)
         if temperature <= 0:
             return None
         return torch.cat([torch.rand(n, generator=g, device=dev) for g in gens])[live]
 
+    # The first token of every row, from its prompt's prefill logits
     rows = list(range(B))  # cache row -> output index
     live_t = torch.arange(B, device=dev)
     logits = torch.stack(first).repeat_interleave(n, 0)
@@ -415,11 +472,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
         on_logits(list(range(B)), logits)
     tok = sample_next(logits, temperature, top_p, top_k, u=draws(live_t))
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
-    out = [[] for _ in range(B)]
-    reason = [None] * B
+    out, reason = [[] for _ in range(B)], [None] * B
     budget = [budgets[r // n] for r in range(B)]
     max_stop = max((len(s) for s in stop), default=0)
     while True:
+        # Bookkeeping on the host: append each live row's token, decide which rows are done
         toks, done = tok.tolist(), torch.isin(tok, eos).tolist()
         for j, r in enumerate(rows):
             if reason[r]:
@@ -437,17 +494,22 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
         live = [j for j, r in enumerate(rows) if not reason[r]]
         if not live:
             break
-        if len(live) <= len(rows) * 7 // 8:  # compact when an eighth of the rows are finished
+        # Compaction: finished rows leave once an eighth of the rows are done, or at once when one
+        # of them has filled its cache row (a finished row keeps decoding until it leaves).
+        full = cache.used >= cache.k.shape[3]
+        if len(live) <= len(rows) * 7 // 8 or (full and len(live) < len(rows)):
             idx = torch.tensor(live, device=dev)
             cache.keep(idx)
             tok, rows, live_t = tok[idx], [rows[j] for j in live], live_t[idx]
+        # One decoding step for every row left
         logits = model(tok[:, None], cache=cache)
         if on_logits:
             on_logits(rows, logits)
         tok = sample_next(logits, temperature, top_p, top_k, u=draws(live_t))
-    return [[{"ids": out[i * n + s], "finish_reason": reason[i * n + s]} for s in range(n)] for i in range(len(prompts))]
+    return [[{"ids": out[i * n + s], "finish_reason": reason[i * n + s]} for s in range(n)]
+            for i in range(P)]
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Checkpoints: HF folders (single or sharded safetensors), Hub ids, GGUF files
 
 def default_model():
@@ -459,16 +521,18 @@ def default_model():
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 def resolve(path):
-    """An HF folder for `path`: itself, a Hub snapshot, or a .gguf converted once into a cached folder."""
+    """An HF folder for `path`: itself, a Hub snapshot, or a .gguf converted once (cached)."""
     if os.path.isdir(path):
         return path
     if path.endswith(".gguf"):
         return convert_gguf(path)
     if os.path.exists(path) or path.count("/") != 1:
-        raise FileNotFoundError(f"{path}: not a model folder, a .gguf file, or a Hub id (org/name)")
+        raise FileNotFoundError(f"{path}: not a model folder, a .gguf file, or a Hub id "
+                                "(org/name)")
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+        files = ["*.json", "*.safetensors", "tokenizer*", "*.model"]
+        return snapshot_download(path, allow_patterns=files)
     except Exception as e:
         raise SystemExit(f"error: could not fetch {path} from the Hugging Face Hub "
                          f"({type(e).__name__}); offline? pass a local folder or .gguf") from None
@@ -479,72 +543,96 @@ def convert_gguf(path):
         raise FileNotFoundError(f"{path}: no such GGUF file")
     cache = os.path.expanduser(os.environ.get("XWIN_CACHE", "~/.cache/xwin"))
     out = os.path.join(cache, f"{os.path.basename(path)[:-5]}-{os.stat(path).st_size}")
-    if not os.path.exists(os.path.join(out, "config.json")):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        d, f = os.path.split(os.path.abspath(path))
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-        hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
-        cfg = LlamaConfig.from_hf(hf.config.to_dict())
-        tmp = f"{out}.tmp{os.getpid()}"  # written aside and renamed: a kill leaves no half folder
-        save_checkpoint(tmp, hf.state_dict(), cfg, tok, {"chat_template_name": guess_template(tok)})
-        shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older version
-        os.replace(tmp, out)
+    os.makedirs(cache, exist_ok=True)
+    with open(out + ".lock", "w") as lock:  # torchrun: one rank converts, the others wait for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(out, "config.json")):
+            _convert(path, out)
     return out
+
+def _convert(path, out):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d, f = os.path.split(os.path.abspath(path))
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+    hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+    cfg = LlamaConfig.from_hf(hf.config.to_dict())
+    tmp = f"{out}.tmp{os.getpid()}"  # written aside and renamed: a kill leaves no half folder
+    save_checkpoint(tmp, hf.state_dict(), cfg, tok, {"chat_template_name": guess_template(tok)})
+    shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older version
+    os.replace(tmp, out)
 
 def guess_template(tok):
     """The chat format of a checkpoint that does not name one: ChatML if its tokenizer's Jinja
     template speaks it, else Vicuna (Llama-2 finetunes, the paper's)."""
     return "chatml" if "<|im_start|>" in (getattr(tok, "chat_template", None) or "") else "vicuna"
 
-def load_state_dict(path):
-    from safetensors.torch import load_file
+def weight_files(path):
+    """{parameter name: safetensors file} of an HF folder (one file, or shards with an index)."""
+    from safetensors import safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        files = sorted({os.path.join(path, f) for f in json.load(open(index))["weight_map"].values()})
-    else:
-        files = [f for f in [os.path.join(path, "model.safetensors")] if os.path.exists(f)]
-    if not files:
+        return {k: os.path.join(path, f) for k, f in json.load(open(index))["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
         raise FileNotFoundError(f"{path}: no *.safetensors weights")
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+def load_state_dict(path):
+    from safetensors.torch import load_file
     sd = {}
-    for f in files:
+    for f in sorted(set(weight_files(path).values())):
         sd.update(load_file(f))
     return sd
 
-def load_model(path, device="cpu", dtype=torch.float32, reward=None, meta=False):
+def load_model(path, device="cpu", dtype=torch.float32, reward=None, meta=False, new_head=False):
     """-> (model, tokenizer, template name: the checkpoint's chat_template_name, else a guess).
-    reward=None: a reward model iff the checkpoint has a score head; reward=True on a policy checkpoint
-    adds a zero-initialised head (RM training starts there). meta=True returns an empty model on the
-    meta device plus its state dict, for FSDP loading."""
+    reward=None: a reward model iff the checkpoint has a score head; reward=True: it must have one
+    (a policy given as --reward-model would score everything 0), unless new_head=True, which adds a
+    zero-initialised head to a policy (RM training starts there). meta=True reads no weights: the
+    model stays empty on the meta device and the HF folder's path comes fourth, for sharded loading
+    (read_weights)."""
     from transformers import AutoTokenizer
-    path = resolve(path)
+    given, path = path, resolve(path)
     cfg_d = json.load(open(os.path.join(path, "config.json")))
     cfg = LlamaConfig.from_hf(cfg_d)
-    sd = load_state_dict(path)
-    has_score = "score.weight" in sd
+    has_score = "score.weight" in weight_files(path)
     reward = has_score if reward is None else reward
-    if reward and not has_score:
-        sd["score.weight"] = torch.zeros(1, cfg.hidden_size)
-    if reward or cfg.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)
-    if not reward:
-        sd.pop("score.weight", None)
+    if reward and not has_score and not new_head:
+        raise SystemExit(f"error: {given}: not a reward model (no score.weight in its weights); "
+                         "train one with train_rm.py")
     with torch.device("meta"):
         model = Llama(cfg, reward)
-    model.extra = {k: cfg_d[k] for k in ("reward_mean", "reward_std") if k in cfg_d}
-    sd = {k: v.to(dtype) for k, v in sd.items()}
     if not meta:
+        sd = {k: v.to(dtype) for k, v in read_weights(model, path, lambda n, shape: slice(None))}
         model.load_state_dict(sd, assign=True, strict=True)
         model.to(device)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token or tok.eos_token
-    template = cfg_d.get("chat_template_name") or guess_template(tok)
-    return (model, tok, template, sd) if meta else (model, tok, template)
+    saved = cfg_d.get("chat_template_name")
+    template = saved if saved in ("vicuna", "chatml") else guess_template(tok)  # data.TEMPLATES
+    return (model, tok, template, path) if meta else (model, tok, template)
+
+def read_weights(model, path, rows):
+    """Yield (name, tensor) for every parameter of `model`, read from the HF folder at `path`, cut
+    to rows(name, full shape) (a slice of dim 0) while reading: under FSDP each rank reads only its
+    own shard (safetensors reads the slice alone), so a rank holds O(model / world) at any time.
+    The checkpoint's dtype is kept; a score head the checkpoint lacks starts at zero (new_head)."""
+    from safetensors import safe_open
+    files = weight_files(path)
+    for name, p in model.named_parameters():
+        sl = rows(name, p.shape)
+        if name not in files:  # only the new score head can be missing (load_model checked)
+            yield name, torch.zeros(p.shape)[sl]
+            continue
+        with safe_open(files[name], "pt") as f:
+            yield name, f.get_slice(name)[sl]
 
 def save_checkpoint(out, state_dict, cfg, tok, extra=None, max_shard_bytes=5 * 2**30):
-    """Write an HF folder: config.json (cfg, plus `extra` such as chat_template_name), generation_config
-    .json, (sharded) safetensors, the tokenizer with its chat template. Loads in transformers
-    (AutoModelForCausalLM / ...ForSequenceClassification). cfg.eos_token_id: every id that ends a reply."""
+    """Write an HF folder (transformers' AutoModelForCausalLM / ...ForSequenceClassification):
+    config.json (cfg plus `extra`, e.g. chat_template_name), generation_config.json, (sharded)
+    safetensors, the tokenizer with its chat template. cfg.eos_token_id: all ids ending a reply."""
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
     reward = "score.weight" in state_dict
@@ -554,7 +642,7 @@ def save_checkpoint(out, state_dict, cfg, tok, extra=None, max_shard_bytes=5 * 2
     hf = cfg.to_hf(reward) | {"dtype": dtype, "torch_dtype": dtype} | (extra or {})
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
     if reward and (hf["pad_token_id"] is None or hf["pad_token_id"] in eos):
-        # transformers reads the reward at the last non-pad token: pad == eos would skip the closing EOS
+        # transformers reads the reward at the last non-pad token: pad == eos skips the closing EOS
         hf["pad_token_id"] = tok.unk_token_id if tok.unk_token_id not in (None, *eos) else 0
     json.dump(hf, open(os.path.join(out, "config.json"), "w"), indent=2)
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": sorted(set(eos) - {None}),
@@ -583,12 +671,12 @@ def save_checkpoint(out, state_dict, cfg, tok, extra=None, max_shard_bytes=5 * 2
                   open(os.path.join(out, "model.safetensors.index.json"), "w"), indent=2)
     tok.save_pretrained(out)
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Placement: device and dtype, the same rule for every stage
 
 def native_bf16():
-    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX). With it bf16 matmuls run ~2x faster
-    than fp32; without it (AVX2 only) they are emulated and ~6x slower: bf16 on such a CPU is a trap."""
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX): then bf16 matmuls run ~2x
+    faster than fp32; without (AVX2 only) they are emulated, ~6x slower: bf16 there is a trap."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
@@ -596,8 +684,8 @@ def native_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 def pick_device(device="auto", dtype="auto", local_rank=0):
-    """--device and --dtype -> (torch.device, torch.dtype); auto: CUDA when there is one, bfloat16 on
-    CUDA and float32 on CPU."""
+    """--device and --dtype -> (torch.device, torch.dtype); auto: CUDA when there is one,
+    bfloat16 on CUDA and float32 on CPU."""
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     dtypes = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
               "float32": torch.float32}

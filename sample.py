@@ -1,59 +1,63 @@
 """
-Sample n responses per prompt, optionally scored by a reward model: Xwin-Set (--n 64 --reward-model RM),
-or the response pairs that annotate.py judges (--n 2).
+Sample n responses per prompt, optionally scored by a reward model.
+Xwin-Set is --n 64 --reward-model RM; the response pairs that annotate.py judges are --n 2.
 
-    python sample.py --model runs/sft --data prompts.jsonl --out xwin_set.jsonl --n 64 --reward-model runs/rm
-    torchrun --nproc_per_node 8 -- sample.py --model runs/sft --data prompts.jsonl --out pairs.jsonl --n 2
+    python sample.py --model runs/sft --data prompts.jsonl --out xwin_set.jsonl --n 64 \\
+        --reward-model runs/rm
+    torchrun --nproc_per_node 8 -- sample.py --model runs/sft --data prompts.jsonl \\
+        --out pairs.jsonl --n 2
 
 (The `--` keeps torchrun from reading --n as an ambiguous abbreviation of its own flags.)
 
-Our engine (model.generate) prefills each prompt once and its n samples share the prompt's keys and
-values (cascade attention: each prompt's keys are read once per step, not n times); finished samples
-leave the batch; a batch holds as many prompts as --batch-tokens allows. Under torchrun, rank r samples
-prompts r::world into OUT.rank{r} and rank 0 merges the shards into OUT at the end. The output is
-appended a batch at a time: a killed run, restarted, skips the ids already written and loses only the
-batch in flight.
+Our engine (model.generate) prefills each prompt once and its n samples share the prompt's keys
+and values (cascade attention: each prompt's keys are read once per step, not n times); finished
+samples leave the batch; a batch holds as many prompts as --batch-tokens allows. Under torchrun,
+rank r samples prompts r::world into OUT.rank{r} and rank 0 merges the shards into OUT at the end.
+The output is appended a batch at a time: a killed run, restarted, skips the ids already written
+and loses only the batch in flight.
 
-Reproducibility: each prompt samples from its own generator, seeded from (--seed, its id). Its responses
-therefore do not depend on which other prompts share its batch, on the number of ranks, or on resumes,
-except through the floating-point rounding of batched matmuls, which can flip a near-tie token now and
-then; for the same batch composition, dtype and machine they are exactly the same.
+Reproducibility: each prompt samples from its own generator, seeded from (--seed, its id). Its
+responses therefore do not depend on which other prompts share its batch, on the number of ranks,
+or on resumes, except through the floating-point rounding of batched matmuls, which can flip a
+near-tie token now and then; for the same batch composition, dtype and machine they are exactly the
+same.
 
-dtype: bfloat16 by default on CUDA and on CPUs with native bf16 (avx512_bf16), where it samples ~1.6x
-faster than float32; its next-token distributions differ from float32's by a mean KL of 0.002 nats
-(SmolLM2-135M, temperature 0.7), as usual for bf16 inference. --dtype float32 for exact parity.
+dtype: bfloat16 by default on CUDA and on CPUs with native bf16 (avx512_bf16), where it samples
+~1.6x faster than float32; its next-token distributions differ from float32's by a mean KL of
+0.002 nats (SmolLM2-135M, temperature 0.7), as usual for bf16 inference. --dtype float32 for exact
+parity.
 """
 import dataclasses, datetime, glob, hashlib, json, os, time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 import data as D
 import model as M
 
 @dataclass
 class Config:
-    model: str = ""  # policy checkpoint: HF folder, Hub id, or .gguf file (default: the bundled SmolLM2)
-    data: list = dataclasses.field(default_factory=list)  # prompts: JSONL ({id, messages} ending with a user turn), or a dataset name/folder
+    model: str = ""  # policy: HF folder, Hub id, or .gguf file (default: the bundled SmolLM2)
+    data: list = field(default_factory=list)  # prompts: JSONL {id, messages}, or a dataset
     split: str = "train"  # dataset split, when --data is a dataset
-    out: str = "samples.jsonl"  # output JSONL, appended; a restarted run skips the ids already in it
-    template: str = ""  # chat template override (vicuna, chatml), for the policy and the reward model
+    out: str = "samples.jsonl"  # output JSONL, appended; a rerun skips the ids already in it
+    template: str = ""  # chat template override (vicuna, chatml), policy and reward model
     n: int = 64  # responses per prompt
     temperature: float = 0.7  # sampling temperature (0: greedy)
     top_p: float = 1.0  # nucleus sampling: keep the most likely tokens up to this mass (1: off)
     top_k: int = 0  # keep only the k most likely tokens (0: off)
     max_new_tokens: int = 512  # max tokens of a response
-    stop: list = dataclasses.field(default_factory=list)  # stop strings: a response ends at the first one (cut from its text)
-    unique: bool = False  # re-sample exact duplicate responses (the paper's Xwin-Set has 64 unique ones)
+    stop: list = field(default_factory=list)  # stop strings: a response ends at the first
+    unique: bool = False  # re-sample duplicate responses (Xwin-Set has 64 unique ones)
     unique_tries: int = 4  # rounds of re-sampling duplicates; records keep the count that remained
     reward_model: str = ""  # reward model folder: score every response (the full conversation)
     rm_batch_tokens: int = 16384  # tokens per reward-model forward (packed)
-    batch_tokens: int = 65536  # per generation batch: prompts x n x (prompt tokens + max new tokens) (bounds the KV cache)
+    batch_tokens: int = 65536  # prompts x n x (prompt + max new tokens) per batch
     limit: int = 0  # only the first N prompts (0: all)
     seed: int = 1337  # base of the per-prompt seeds
     device: str = "auto"  # cpu, cuda, or auto
-    dtype: str = "auto"  # float32 or bfloat16 (auto: bfloat16 on CUDA and on CPUs with native bf16, else float32)
+    dtype: str = "auto"  # float32 or bfloat16 (auto: bfloat16 on CUDA and on native-bf16 CPUs)
     engine: str = "ours"  # ours, or vllm (when installed: a GPU engine, one process; same records)
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Data: prompts checked up front, so a bad line stops the run before any model is loaded
 
 def load_prompts(cfg):
@@ -65,21 +69,24 @@ def load_prompts(cfg):
         if str(rid) in seen:
             raise D.DataError(f"{where}: duplicate id {rid!r}")
         seen.add(str(rid))
-        if "messages" not in rec and "conversations" not in rec and isinstance(rec.get("prompt"), str):
-            rec = {"messages": [{"role": "user", "content": rec["prompt"]}]}  # hub sets with a bare prompt
+        bare = "messages" not in rec and "conversations" not in rec  # hub sets with a bare prompt
+        if bare and isinstance(rec.get("prompt"), str):
+            rec = {"messages": [{"role": "user", "content": rec["prompt"]}]}
         prompts.append((where, str(rid), D.get_messages(rec, where, prompt=True)))
     return prompts[:cfg.limit] if cfg.limit else prompts
 
 def seed_of(seed, rid):  # stable across runs and machines (Python's hash() is salted per process)
-    return int.from_bytes(hashlib.sha256(f"{seed}:{rid}".encode()).digest()[:8], "little") & (2**63 - 1)
+    digest = hashlib.sha256(f"{seed}:{rid}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 def rng_of(cfg, device, rid, round=0):
-    """A prompt's randomness (round > 0: a round of re-sampling duplicates): a seed for vLLM, else a generator."""
+    """A prompt's randomness (round > 0: a round of re-sampling duplicates): a seed for vLLM, else
+    a generator."""
     s = seed_of(cfg.seed, rid if round == 0 else f"{rid}/{round}")
     return s if cfg.engine == "vllm" else torch.Generator(device).manual_seed(s)
 
 def batches(items, cfg):
-    """Consecutive prompts while n x (prompt + max new tokens) fits --batch-tokens (one always goes)."""
+    """Consecutive prompts while n x (prompt + max new tokens) fits --batch-tokens (one always)."""
     cur, size = [], 0
     for it in items:
         cost = cfg.n * (len(it["ids"]) + cfg.max_new_tokens)
@@ -92,8 +99,8 @@ def batches(items, cfg):
         yield cur
 
 def merge(out):
-    """Append the records of the shards OUT.rank* whose ids OUT lacks, then delete the shards (safe to
-    redo after a kill; shards of any number of ranks)."""
+    """Append the records of the shards OUT.rank* whose ids OUT lacks, then delete the shards
+    (safe to redo after a kill; shards of any number of ranks)."""
     shards = sorted(glob.glob(glob.escape(out) + ".rank*"))
     done = D.truncate_torn(out)
     with open(out, "a", encoding="utf-8") as f:
@@ -107,29 +114,37 @@ def merge(out):
     for s in shards:
         os.remove(s)
 
-# ----------------------------------------------------------------------------------------------------
-# Engines: a list of prompts (token ids) -> per prompt, n responses {content, finish_reason, num_tokens}
+# -------------------------------------------------------------------------------------------------
+# Engines: prompts (token ids) -> per prompt, n responses {content, finish_reason, num_tokens}
 
 def response(tok, ids, reason, stop):
     text = tok.decode(ids, skip_special_tokens=True)
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0] if reason == "stop" else []
-    return {"content": text[:min(cuts)] if cuts else text, "finish_reason": reason, "num_tokens": len(ids)}
+    content = text[:min(cuts)] if cuts else text
+    return {"content": content, "finish_reason": reason, "num_tokens": len(ids)}
 
 def sample_ours(model, tok, eos, cfg, prompts, n, gens):
-    outs = M.generate(model, prompts, n=n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                      top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos, stop=cfg.stop, tokenizer=tok, generator=gens)
+    outs = M.generate(model, prompts, n=n, max_new_tokens=cfg.max_new_tokens,
+                      temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos,
+                      stop=cfg.stop, tokenizer=tok, generator=gens)
     return [[response(tok, o["ids"], o["finish_reason"], cfg.stop) for o in out] for out in outs]
 
 def sample_vllm(llm, eos, cfg, prompts, n, seeds):
     from vllm import SamplingParams
-    params = [SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or -1, seed=s,
-                             max_tokens=cfg.max_new_tokens, stop=cfg.stop or None, stop_token_ids=sorted(eos)) for s in seeds]
+    params = [SamplingParams(n=n, temperature=cfg.temperature, top_p=cfg.top_p,
+                             top_k=cfg.top_k or -1, seed=s, max_tokens=cfg.max_new_tokens,
+                             stop=cfg.stop or None, stop_token_ids=sorted(eos)) for s in seeds]
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    # vLLM says "stop" for EOS and stop strings alike; stop_reason holds the string (None or a token id for EOS)
-    reason = lambda c: "length" if c.finish_reason == "length" else "stop" if isinstance(c.stop_reason, str) else "eos"
-    return [[{"content": c.text, "finish_reason": reason(c),
-              "num_tokens": len(c.token_ids) - (reason(c) == "eos" and bool(c.token_ids) and c.token_ids[-1] in eos)}
-             for c in o.outputs] for o in outs]
+
+    def vllm_response(c):
+        # vLLM says "stop" for EOS and stop strings alike; stop_reason holds the string (None or a
+        # token id for EOS). Our engine does not count the EOS token, so neither do we here.
+        reason = "length" if c.finish_reason == "length" else \
+            "stop" if isinstance(c.stop_reason, str) else "eos"
+        ends_in_eos = reason == "eos" and bool(c.token_ids) and c.token_ids[-1] in eos
+        return {"content": c.text, "finish_reason": reason,
+                "num_tokens": len(c.token_ids) - ends_in_eos}
+    return [[vllm_response(c) for c in o.outputs] for o in outs]
 
 def dedupe(responses, resample, tries):
     """Re-sample exact duplicates in place, up to `tries` rounds. -> how many duplicates remain."""
@@ -143,20 +158,71 @@ def dedupe(responses, resample, tries):
             responses[i] = r
     return len(responses) - len({r["content"] for r in responses})
 
-# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def reward_scores(model, tok, template, conversations, batch_tokens=16384, max_len=None,
+                  closed=None):
+    """Reward-model scores of full conversations (each ending with the assistant response being
+    judged), packed by token budget; the reward is read at each conversation's closing EOS, so a
+    long one keeps its end (and its BOS). closed[i] False: reply i was cut at --max-new-tokens and
+    is scored at its last token, not at an EOS the model never produced."""
+    model.eval()
+    max_len = max_len or model.cfg.max_position_embeddings
+    closed = [True] * len(conversations) if closed is None else closed
+    seqs = [D.keep_end(D.render(tok, c, template, closed=e)[0], max_len)
+            for c, e in zip(conversations, closed, strict=True)]
+    out = torch.empty(len(seqs))
+    budget = max(batch_tokens, max(map(len, seqs)))
+    for b in D.make_batches([len(s) for s in seqs], budget, shuffle=False):
+        ids, cu = D.pack([seqs[i] for i in b], model.device)
+        out[b] = model(ids, cu_seqlens=cu).float().cpu()
+    return out.tolist()
+
+# -------------------------------------------------------------------------------------------------
+
+def load_engine(cfg, device, dtype):
+    """-> (sample_fn(prompts, n, rngs), tokenizer, template, model config)."""
+    path = cfg.model or M.default_model()
+    if cfg.engine == "ours":
+        model, tok, saved = M.load_model(path, device=device, dtype=dtype)
+        mcfg = model.cfg
+    else:
+        from vllm import LLM
+        from transformers import AutoTokenizer
+        hf_path = M.resolve(path)
+        tok = AutoTokenizer.from_pretrained(hf_path)
+        hf_cfg = json.load(open(os.path.join(hf_path, "config.json")))
+        saved = hf_cfg.get("chat_template_name") or M.guess_template(tok)  # as model.load_model
+        mcfg = M.LlamaConfig.from_hf(hf_cfg)
+        llm = LLM(model=hf_path, dtype=str(dtype).removeprefix("torch."), seed=cfg.seed)
+    template = D.get_template(saved, cfg.template)
+    eos = D.stop_ids(tok, template, mcfg.eos_token_id)
+    def sample_fn(prompts, n, rngs):
+        if cfg.engine == "ours":
+            return sample_ours(model, tok, eos, cfg, prompts, n, rngs)
+        return sample_vllm(llm, eos, cfg, prompts, n, rngs)
+    return sample_fn, tok, template, mcfg
 
 def run(argv=None):
     import torch.distributed as dist
     from tqdm import tqdm
     cfg = D.parse_config(Config, argv)
     if not cfg.data:
-        raise SystemExit("error: --data is required (prompts JSONL: {id, messages} ending with a user turn)")
+        raise SystemExit("error: --data is required "
+                         "(prompts JSONL: {id, messages} ending with a user turn)")
+    try:  # before any model is loaded
+        M.check_sampling(cfg.n, cfg.temperature, cfg.top_p, cfg.top_k)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     if cfg.engine not in ("ours", "vllm"):
         raise SystemExit(f"error: --engine {cfg.engine!r}: ours or vllm")
     prompts = load_prompts(cfg)
-    if "RANK" in os.environ and not dist.is_initialized():  # gloo just for barriers, with room for ranks finishing hours apart
+    # gloo just for barriers and the final sum, with room for ranks that finish hours apart
+    if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    rank, world, device, dtype = T.setup_dist(cfg)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    device, dtype = M.pick_device(cfg.device, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if cfg.dtype == "auto" and device.type == "cpu" and M.native_bf16():
         dtype = torch.bfloat16  # native bf16 matmuls: about twice the fp32 speed for these shapes
     if rank == 0:
@@ -168,72 +234,67 @@ def run(argv=None):
     todo = [p for i, p in enumerate(prompts) if i % world == rank and p[1] not in done]
     path = cfg.out if world == 1 else f"{cfg.out}.rank{rank}"
 
-    model_path = cfg.model or M.default_model()
-    if cfg.engine == "vllm":
-        if world > 1:
-            raise SystemExit("error: --engine vllm runs as one process (vLLM parallelizes itself)")
-        from vllm import LLM
-        from transformers import AutoTokenizer
-        hf_path = M.resolve(model_path)
-        tok = AutoTokenizer.from_pretrained(hf_path)
-        template = M.get_template(tok, hf_path, cfg.template or None)
-        llm = LLM(model=hf_path, dtype={torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype], seed=cfg.seed)
-        mcfg = M.LlamaConfig.from_hf(json.load(open(os.path.join(hf_path, "config.json"))))
-    else:
-        model, tok, template = M.load_model(model_path, device=device, dtype=dtype)
-        template = M.get_template(tok, "", cfg.template) if cfg.template else template
-        mcfg = model.cfg
-    eos_cfg, limit = mcfg.eos_token_id, mcfg.max_position_embeddings
-    eos = {D.eos_id(tok, template)} | set(eos_cfg if isinstance(eos_cfg, list) else [eos_cfg]) - {None}
-    if cfg.engine == "vllm":
-        sample_fn = lambda ps, n, rngs: sample_vllm(llm, eos, cfg, ps, n, rngs)
-    else:
-        sample_fn = lambda ps, n, rngs: sample_ours(model, tok, eos, cfg, ps, n, rngs)
+    if cfg.engine == "vllm" and world > 1:
+        raise SystemExit("error: --engine vllm runs as one process (vLLM parallelizes itself)")
+    sample_fn, tok, template, mcfg = load_engine(cfg, device, dtype)
     if cfg.reward_model:
-        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device=device, dtype=dtype, reward=True)
-        rm_template = M.get_template(rm_tok, "", cfg.template) if cfg.template else rm_template
+        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device=device, dtype=dtype,
+                                               reward=True)
+        rm_template = D.get_template(rm_template, cfg.template)
     items = []
     for where, rid, messages in todo:
         ids = D.render(tok, messages, template, prompt=True)[0]
-        if len(ids) >= limit:
-            raise D.DataError(f"{where}: prompt of {len(ids)} tokens leaves no room to answer (max {limit} positions)")
+        if len(ids) >= mcfg.max_position_embeddings:
+            raise D.DataError(f"{where}: prompt of {len(ids)} tokens leaves no room to answer "
+                              f"(max {mcfg.max_position_embeddings} positions)")
         items.append({"id": rid, "messages": messages, "ids": ids})
-    sampling = {k: getattr(cfg, k) for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "stop", "seed", "unique", "engine")}
-    sampling["dtype"] = str(dtype).replace("torch.", "")
+    keys = "n temperature top_p top_k max_new_tokens stop seed unique engine".split()
+    sampling = {k: getattr(cfg, k) for k in keys} | {"dtype": str(dtype).replace("torch.", "")}
 
-    bar = tqdm(total=len(todo), disable=rank != 0, desc=f"sample (rank 0 of {world})" if world > 1 else "sample",
-               unit="prompt", dynamic_ncols=True)
+    bar = tqdm(total=len(todo), disable=rank != 0, unit="prompt", dynamic_ncols=True,
+               desc=f"sample (rank 0 of {world})" if world > 1 else "sample")
     t0, ntok = time.time(), 0
     for batch in batches(items, cfg):
-        results = sample_fn([it["ids"] for it in batch], cfg.n, [rng_of(cfg, device, it["id"]) for it in batch])
+        rngs = [rng_of(cfg, device, it["id"]) for it in batch]
+        results = sample_fn([it["ids"] for it in batch], cfg.n, rngs)
         recs = []
         for it, res in zip(batch, results):
-            rec = {"id": it["id"], "messages": it["messages"], "responses": res, "model": cfg.model or model_path,
-                   "sampling": sampling}
+            recs.append({"id": it["id"], "messages": it["messages"], "responses": res,
+                         "model": cfg.model or M.default_model(), "sampling": sampling})
             if cfg.unique:
-                resample = lambda k, round: sample_fn([it["ids"]], k, [rng_of(cfg, device, it["id"], round)])[0]
-                rec["duplicates"] = dedupe(res, resample, cfg.unique_tries if cfg.temperature > 0 else 0)
-            recs.append(rec)
+                def resample(k, round, it=it):
+                    return sample_fn([it["ids"]], k, [rng_of(cfg, device, it["id"], round)])[0]
+                tries = cfg.unique_tries if cfg.temperature > 0 else 0
+                recs[-1]["duplicates"] = dedupe(res, resample, tries)
+        flat = [x for r in recs for x in r["responses"]]
+        for x in flat:  # cut at --max-new-tokens: never finished, so scored without an EOS
+            x["truncated"] = x["finish_reason"] == "length"
         if cfg.reward_model:  # every response of the batch in packed RM forwards
-            convs = [r["messages"] + [{"role": "assistant", "content": x["content"]}] for r in recs for x in r["responses"]]
-            scores = iter(M.reward_scores(rm, rm_tok, rm_template, convs, batch_tokens=cfg.rm_batch_tokens))
-            for r in recs:
-                for x in r["responses"]:
-                    x["reward"] = next(scores)
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs))
-        ntok += sum(x["num_tokens"] for r in recs for x in r["responses"])
+            convs = [r["messages"] + [{"role": "assistant", "content": x["content"]}]
+                     for r in recs for x in r["responses"]]
+            scores = reward_scores(rm, rm_tok, rm_template, convs, cfg.rm_batch_tokens,
+                                   closed=[not x["truncated"] for x in flat])
+            for x, score in zip(flat, scores, strict=True):
+                x["reward"] = score
+        D.append_jsonl(path, recs)
+        ntok += sum(x["num_tokens"] for x in flat)
         bar.update(len(batch))
         bar.set_postfix(tokens_per_s=f"{ntok / (time.time() - t0):.1f}")
     bar.close()
     dt = time.time() - t0
-    tokens, sampled = T.all_sum([ntok, len(todo)], torch.device("cpu"))  # also the barrier before the merge
+    counts = torch.tensor([ntok, len(todo)], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(counts)  # also the barrier before the merge
+    tokens, sampled = counts.tolist()
     if rank == 0:
         merge(cfg.out)
-        print(f"sampled {int(sampled)} prompts ({len(prompts) - int(sampled)} were done already), {int(tokens)} tokens "
-              f"in {dt:.1f}s: {tokens / max(dt, 1e-9):.1f} tokens/s over {world} rank(s); "
-              f"peak memory {M.peak_memory_gb(device):.2f} GB (rank 0) -> {cfg.out}")
-    T.barrier_and_destroy()  # a barrier, then destroy: a rank tearing gloo down while another still merges can abort
+        print(f"sampled {int(sampled)} prompts ({len(prompts) - int(sampled)} were done already), "
+              f"{int(tokens)} tokens in {dt:.1f}s: {tokens / max(dt, 1e-9):.1f} tokens/s over "
+              f"{world} rank(s); peak memory {M.peak_memory_gb(device):.2f} GB (rank 0) "
+              f"-> {cfg.out}")
+    if dist.is_initialized():  # a rank tearing gloo down while rank 0 still merges can abort it
+        dist.barrier()
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     D.run_main(run)

@@ -4,21 +4,30 @@ conversations packed into varlen micro-batches (no attention across them, no pad
 torchrun. `train(cfg, conversations)` is also what rejection_sft.py runs.
 
     python sft.py --model base_or_gguf --data convs.jsonl --out runs/sft
-    torchrun --nproc_per_node 8 sft.py --model meta-llama/Llama-2-7b-hf --data sharegpt.jsonl --out runs/sft
+    torchrun --nproc_per_node 8 sft.py --model meta-llama/Llama-2-7b-hf --data sharegpt.jsonl \\
+        --out runs/sft
 """
-import random
 from dataclasses import dataclass
 import torch
 import data as D
-import model as M
 import training as T
 
 @dataclass
 class Config(T.TrainConfig):
-    column: str = "messages"  # dataset column holding the conversation (ShareGPT 'conversations' also read)
-    debug_mask: bool = False  # print the first example with its loss-masked tokens highlighted, then train
+    column: str = "messages"  # dataset column of the conversation (ShareGPT 'conversations' too)
+    debug_mask: bool = False  # print the first example, loss-masked tokens highlighted, then train
 
-# ----------------------------------------------------------------------------------------------------
+def sft_loss(token_logps):
+    """The SFT objective, summed over a micro-batch's target tokens (assistant turns, their EOS):
+
+        L(theta) = - sum_{t in targets} log p_theta(x_t | x_<t)
+
+    token_logps: log p of each packed position's next token, 0 where it is no target. fit() divides
+    the sum by the step's total target-token count (all micro-batches, all ranks): a step's loss is
+    the mean over its target tokens, whatever the packing, accumulation or number of ranks."""
+    return -token_logps.sum()
+
+# -------------------------------------------------------------------------------------------------
 # Data: conversations -> (ids, mask), truncated at a turn boundary when longer than --max-len
 
 def load_conversations(paths, split="train", column="messages"):
@@ -54,53 +63,51 @@ def targets_of(ids, mask):
     """Next-token targets within one conversation: -100 where the next token is not trained on."""
     return [t if m else -100 for t, m in zip(ids[1:], mask[1:])] + [-100]
 
-def plan_batches(examples, cfg, epochs, seed):
-    """Every micro-batch of the run (a list of example indices), epoch after epoch, each epoch in its
-    own seeded order: deterministic, so a resumed run and any number of ranks see the same batches."""
+def plan(examples, batch_tokens, epochs, seed):
+    """The run's micro-batches; each one's loss normalizer is its number of target tokens."""
     lengths = [len(ids) for ids, _ in examples]
-    plan = []
-    for epoch in range(epochs):
-        for idx in D.make_batches(lengths, cfg.batch_tokens, seed + epoch):
-            plan.append({"idx": idx, "tokens": sum(lengths[i] for i in idx), "docs": len(idx),
-                         "count": sum(sum(examples[i][1][1:]) for i in idx)})
-    return plan
+    counts = [sum(mask[1:]) for _, mask in examples]
+    return D.plan_batches(lengths, batch_tokens, epochs, seed, counts=counts)
 
-def sft_loss(model, examples, idx):
-    """Summed negative log-likelihood of the target tokens of examples[idx], packed into one row."""
-    dev = model.model.embed_tokens.weight.device
-    ids, cu = D.pack([examples[i][0] for i in idx], dev)
-    targets = torch.tensor([t for i in idx for t in targets_of(*examples[i])], device=dev)
-    return -model(ids, cu_seqlens=cu, targets=targets).sum()
+# -------------------------------------------------------------------------------------------------
+# Model: the log-probs of a micro-batch's target tokens in one packed forward
 
-# ----------------------------------------------------------------------------------------------------
+def target_logps(model, examples, idx):
+    """log p of every target token of examples[idx], all packed into one row (0 at non-targets)."""
+    ids, cu = D.pack([examples[i][0] for i in idx], model.device)
+    targets = torch.tensor([t for i in idx for t in targets_of(*examples[i])], device=model.device)
+    return model(ids, cu_seqlens=cu, targets=targets)
+
+# -------------------------------------------------------------------------------------------------
 
 def train(cfg, conversations, eval_conversations=None):
-    model, tok, template, dist_info = T.prepare_model(cfg)
-    rank = dist_info[0]
-    log = print if rank == 0 else (lambda *a, **k: None)
-    log(f"config: {cfg}")
+    model, tok, template, d = T.prepare_model(cfg)
+    T.print0(f"config: {cfg}")
     if cfg.eval_frac and not eval_conversations:
-        conversations = conversations[:]
-        random.Random(cfg.seed).shuffle(conversations)
-        k = max(1, int(len(conversations) * cfg.eval_frac))
-        conversations, eval_conversations = conversations[k:], conversations[:k]
+        conversations, eval_conversations = D.split_eval(conversations, cfg.eval_frac, cfg.seed)
     examples, truncated, dropped = tokenize(conversations, tok, template, cfg.max_len)
-    n_tok = sum(len(e[0]) for e in examples)
-    log(f"data: {len(examples)} conversations, {n_tok} tokens ({sum(sum(m) for _, m in examples)} trained on), "
-        f"template {template}, {truncated} truncated to --max-len {cfg.max_len}, {dropped} dropped")
-    if cfg.debug_mask and rank == 0:
-        print(D.show_mask(tok, *examples[0]))
-    plan = plan_batches(examples, cfg, cfg.epochs, cfg.seed)
+    n_tok, n_trained = sum(len(e[0]) for e in examples), sum(sum(m) for _, m in examples)
+    T.print0(f"data: {len(examples)} conversations, {n_tok} tokens ({n_trained} trained on), "
+             f"template {template}, {truncated} truncated to --max-len {cfg.max_len}, "
+             f"{dropped} dropped")
+    if cfg.debug_mask:
+        T.print0(D.show_mask(tok, *examples[0]))
     eval_fn = None
     if eval_conversations:
         ev, _, _ = tokenize(eval_conversations, tok, template, cfg.max_len)
-        ev_batches = [b["idx"] for b in plan_batches(ev, cfg, 1, 0)]
+        ev_batches = [b["idx"] for b in plan(ev, cfg.batch_tokens, 1, 0)]
+
+        def eval_sums(m, idx):
+            return {"nll": float(sft_loss(target_logps(m, ev, idx))),
+                    "n": sum(sum(ev[i][1][1:]) for i in idx)}
 
         def eval_fn(model):
-            s = T.evaluate(model, ev_batches, lambda m, idx: {"nll": float(sft_loss(m, ev, idx)),
-                                                              "n": sum(sum(ev[i][1][1:]) for i in idx)}, dist_info)
+            s = T.evaluate(model, ev_batches, eval_sums, d)
             return {"loss": s["nll"] / s["n"]}
-    T.fit(cfg, model, plan, lambda m, mb: (sft_loss(m, examples, mb["idx"]), {}), eval_fn, dist_info)
+
+    def step_fn(model, mb):
+        return sft_loss(target_logps(model, examples, mb["idx"])), {}
+    T.fit(cfg, model, plan(examples, cfg.batch_tokens, cfg.epochs, cfg.seed), step_fn, eval_fn, d)
     T.export(cfg, model, tok, template)
     return model
 

@@ -2,43 +2,52 @@
 Reward model training (Xwin-RM) on judged preference pairs, with held-out evaluation.
 
 The policy architecture plus a scalar `score` head (zero-initialised on a policy checkpoint, so the
-first loss is exactly ln 2), trained with the ranking loss -log sigmoid(r_chosen - r_rejected - margin).
-Chosen and rejected go through one packed forward; each reward is read at its sequence's last token,
-the closing EOS of the last assistant turn.
+first loss is exactly ln 2), trained with the ranking loss
+-log sigmoid(r_chosen - r_rejected - margin). Chosen and rejected go through one packed forward;
+each reward is read at its sequence's last token, the closing EOS of the last assistant turn.
 Evaluates on held-out pairs and saves an HF folder that transformers loads as
-LlamaForSequenceClassification, with the final reward mean/std in config.json for later stages.
+LlamaForSequenceClassification.
 
     python train_rm.py --model runs/sft --data pairs.jsonl --out runs/rm --eval-frac 0.05 --margin
     torchrun --nproc_per_node 8 train_rm.py --model runs/sft --out runs/rm \\
         --data HuggingFaceH4/ultrafeedback_binarized --split train_prefs
 """
-import math, os, random
+import math
 from collections import Counter
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 import data as D
-import model as M
 import training as T
-
-# The margin by preference strength (--margin), on Llama-2's RM scale: the clearer the judge's preference,
-# the wider the gap between the two rewards before the loss lets go. annotate.py writes a number on this
-# scale (the mean degree of its two verdicts), which is the margin itself; words are read too. A tie carries no
-# preference, so tied pairs (and pairs the judge failed on) are skipped, with a count.
-MARGINS = {"much better": 3.0, "significantly better": 3.0, "better": 2.0, "slightly better": 1.0,
-           "negligibly better": 0.0}
-TIES = {"tie", "equal", "same", "unsure"}
 
 @dataclass
 class Config(T.TrainConfig):
     epochs: int = 1  # passes over the data (RMs overfit after one)
     lr: float = 1e-5  # peak learning rate
-    margin: bool = False  # subtract a margin by preference strength (MARGINS table) inside the loss
-    center_coef: float = 0.0  # reward centering: add center_coef * (r_chosen + r_rejected)^2 per pair (e.g. 0.01)
-    skip_bad: bool = False  # skip bad pairs (identical, missing or empty responses) with a count, instead of stopping
+    margin: bool = False  # subtract a margin by preference strength (MARGINS) inside the loss
+    center_coef: float = 0.0  # reward centering: + center_coef * (r_c + r_r)^2 a pair (e.g. 0.01)
+    skip_bad: bool = False  # skip bad pairs (identical, missing or empty responses), counted
 
-# ----------------------------------------------------------------------------------------------------
-# Data: records -> pairs of full conversations (chosen, rejected) with a strength label and a margin
+def rm_loss(r_chosen, r_rejected, margin, center_coef=0.0):
+    """The per-pair loss: Llama-2's ranking loss with a margin m (0, or set by the preference's
+    strength), plus reward centering (Eisenstein et al. 2023), which pins the rewards' level that
+    the ranking loss leaves free (it sees only their difference):
+
+        L = -log sigmoid(r_chosen - r_rejected - m) + center_coef * (r_chosen + r_rejected)^2"""
+    ranking = -F.logsigmoid(r_chosen - r_rejected - margin)
+    return ranking + center_coef * (r_chosen + r_rejected) ** 2
+
+# The margin by preference strength (--margin), on Llama-2's RM scale: the clearer the judge's
+# preference, the wider the gap between the two rewards before the loss lets go. annotate.py writes
+# a number on this scale (the mean degree of its two verdicts), which is the margin itself; words
+# are read too. A tie carries no preference, so tied pairs (and pairs the judge failed on) are
+# skipped, with a count.
+MARGINS = {"much better": 3.0, "significantly better": 3.0, "better": 2.0, "slightly better": 1.0,
+           "negligibly better": 0.0}
+TIES = {"tie", "equal", "same", "unsure"}
+
+# -------------------------------------------------------------------------------------------------
+# Data: records -> pairs of whole conversations (chosen, rejected), a strength label and a margin
 
 def strength_of(s, where):
     """-> (label for accuracy-by-strength, margin); label 'tie' for ties, 'none' when absent."""
@@ -46,7 +55,8 @@ def strength_of(s, where):
         return "none", 0.0
     if isinstance(s, str):
         key = " ".join(s.lower().replace("_", " ").split())
-        key = key[2:] if key[:2] in ("a ", "b ") else key  # "A much better": the seat is already resolved
+        # "A much better": the seat is already resolved
+        key = key[2:] if key[:2] in ("a ", "b ") else key
         try:
             s = float(key)
         except ValueError:
@@ -70,9 +80,10 @@ def prompt_of(rec, where):
     return D.get_messages({"messages": p}, where, prompt=True)
 
 def conversation(rec, side, where):
-    """The whole conversation ending with the `side` response. A string answers rec's messages (which end
-    with a user turn); a message list is the whole conversation (binarized hub sets), or only the reply
-    turns after rec's messages/prompt when it starts with the assistant (TRL's conversational format)."""
+    """The whole conversation ending with the `side` response. A string answers rec's messages
+    (which end with a user turn); a message list is the whole conversation (binarized hub sets), or
+    only the reply turns after rec's messages/prompt when it starts with the assistant (TRL's
+    conversational format)."""
     resp = rec.get(side)
     if resp is None:
         raise D.DataError(f"{where}: missing '{side}'")
@@ -95,16 +106,19 @@ def parse_pairs(records, skip_bad=False):
     pairs, skipped = [], Counter()
     for where, rec in records:
         judge = rec.get("judge") if isinstance(rec.get("judge"), dict) else {}
-        if rec.get("failed") or judge.get("failed") or rec.get("status") in ("failed", "inconsistent"):
-            skipped[f"judge {rec.get('status', 'failed')}"] += 1  # annotate.py's side file, if passed in
+        failed = rec.get("failed") or judge.get("failed")
+        if failed or rec.get("status") in ("failed", "inconsistent"):
+            skipped[f"judge {rec.get('status', 'failed')}"] += 1  # annotate.py's side file
             continue
         try:
             strength, margin = strength_of(rec.get("strength"), where)
-            scores_tie = "score_chosen" in rec and rec["score_chosen"] == rec.get("score_rejected")  # binarized sets
+            # binarized hub sets score both sides
+            scores_tie = "score_chosen" in rec and rec["score_chosen"] == rec.get("score_rejected")
             if strength == "tie" or rec.get("status") == "tie" or scores_tie:
                 skipped["tie"] += 1
                 continue
-            chosen, rejected = conversation(rec, "chosen", where), conversation(rec, "rejected", where)
+            chosen = conversation(rec, "chosen", where)
+            rejected = conversation(rec, "rejected", where)
             if chosen == rejected:
                 raise D.DataError(f"{where}: chosen and rejected are identical")
         except D.DataError as e:
@@ -119,50 +133,44 @@ def load_pairs(paths, split="train", skip_bad=False):
     return parse_pairs(D.read_records(paths, split), skip_bad)
 
 def tokenize(pairs, tok, template, max_len):
-    """-> [(chosen ids, rejected ids)], each cut to max_len keeping the first token and the end (the reward
-    is read at the closing EOS; M.reward_scores cuts the same way), and the number of pairs cut."""
+    """-> [(chosen ids, rejected ids)], each cut to max_len keeping the first token and the end
+    (the reward is read at the closing EOS; sample.reward_scores cuts the same way), and the number
+    of pairs cut."""
     out, cut = [], 0
     for p in pairs:
         ids = [D.render(tok, p[k], template)[0] for k in ("chosen", "rejected")]
         cut += any(len(x) > max_len for x in ids)
-        out.append(tuple(x if len(x) <= max_len else x[:1] + x[len(x) - max_len + 1:] for x in ids))
+        out.append(tuple(D.keep_end(x, max_len) for x in ids))
     return out, cut
 
-def plan_batches(toks, batch_tokens, epochs, seed):
-    """Every micro-batch of the run, epoch after epoch in seeded orders; a pair never straddles two."""
-    lengths = [len(c) + len(r) for c, r in toks]
-    plan = []
-    for epoch in range(epochs):
-        for idx in D.make_batches(lengths, batch_tokens, seed + epoch):
-            plan.append({"idx": idx, "tokens": sum(lengths[i] for i in idx), "docs": 2 * len(idx), "count": len(idx)})
-    return plan
+def plan(toks, batch_tokens, epochs, seed):
+    """The run's micro-batches: a pair never straddles two, and counts 1 in the loss normalizer."""
+    return D.plan_batches([len(c) + len(r) for c, r in toks], batch_tokens, epochs, seed, docs=2)
 
-# ----------------------------------------------------------------------------------------------------
-# Model: rewards of a micro-batch in one packed forward, and the loss
+# -------------------------------------------------------------------------------------------------
+# Model: the rewards of a micro-batch in one packed forward, and the held-out metrics
 
 def pair_rewards(model, toks, idx):
-    """(r_chosen, r_rejected) for pairs idx: all 2n sequences packed as chosen, rejected, chosen, ...;
-    the model reads each reward at its sequence's last token (cu_seqlens[1:] - 1)."""
-    ids, cu = D.pack([x for i in idx for x in toks[i]], model.model.embed_tokens.weight.device)
+    """(r_chosen, r_rejected) for pairs idx: all 2n sequences packed as chosen, rejected, chosen,
+    ...; the model reads each reward at its sequence's last token (cu_seqlens[1:] - 1)."""
+    ids, cu = D.pack([x for i in idx for x in toks[i]], model.device)
     r = model(ids, cu_seqlens=cu).float()
     return r[0::2], r[1::2]
 
-def rm_loss(rc, rr, margin, center_coef=0.0):
-    """Per-pair loss: -log sigmoid(r_c - r_r - margin) + center_coef * (r_c + r_r)^2."""
-    return -F.logsigmoid(rc - rr - margin) + center_coef * (rc + rr) ** 2
-
-def make_eval(pairs, toks, cfg, dist_info):
-    """eval_fn(model) -> loss, accuracy (r_c > r_r) overall and by strength, reward means and std."""
+def make_eval(pairs, toks, cfg, d):
+    """eval_fn(model) -> loss, accuracy (r_chosen > r_rejected) overall and by strength, reward
+    means and std."""
     margins = [p["margin"] if cfg.margin else 0.0 for p in pairs]
-    batches = [b["idx"] for b in plan_batches(toks, cfg.batch_tokens, 1, 0)]
+    batches = [b["idx"] for b in plan(toks, cfg.batch_tokens, 1, 0)]
     labels = sorted({p["strength"] for p in pairs})
 
     def sums(model, idx):
-        rc, rr = pair_rewards(model, toks, idx)
-        win = (rc > rr).tolist()
-        margin = torch.tensor([margins[i] for i in idx], device=rc.device)
-        s = {"loss": rm_loss(rc, rr, margin, cfg.center_coef).sum(), "n": len(idx), "win": sum(win),
-             "rc": rc.sum(), "rr": rr.sum(), "r2": (rc ** 2 + rr ** 2).sum()}
+        r_chosen, r_rejected = pair_rewards(model, toks, idx)
+        win = (r_chosen > r_rejected).tolist()
+        margin = torch.tensor([margins[i] for i in idx], device=r_chosen.device)
+        s = {"loss": rm_loss(r_chosen, r_rejected, margin, cfg.center_coef).sum(), "n": len(idx),
+             "win": sum(win), "r_chosen": r_chosen.sum(), "r_rejected": r_rejected.sum(),
+             "r2": (r_chosen ** 2 + r_rejected ** 2).sum()}
         s |= {f"{k} {l}": 0 for l in labels for k in ("n", "win")}  # every rank sums the same keys
         for i, w in zip(idx, win):
             s[f"n {pairs[i]['strength']}"] += 1
@@ -170,49 +178,48 @@ def make_eval(pairs, toks, cfg, dist_info):
         return s
 
     def eval_fn(model):
-        s = T.evaluate(model, batches, sums, dist_info)
-        n, mean = s["n"], (s["rc"] + s["rr"]) / (2 * s["n"])
-        out = {"loss": s["loss"] / n, "accuracy": s["win"] / n, "reward_chosen": s["rc"] / n,
-               "reward_rejected": s["rr"] / n, "reward_mean": mean,
+        s = T.evaluate(model, batches, sums, d)
+        n, mean = s["n"], (s["r_chosen"] + s["r_rejected"]) / (2 * s["n"])
+        out = {"loss": s["loss"] / n, "accuracy": s["win"] / n, "reward_chosen": s["r_chosen"] / n,
+               "reward_rejected": s["r_rejected"] / n, "reward_mean": mean,
                "reward_std": math.sqrt(max(0.0, s["r2"] / (2 * n) - mean ** 2))}
-        return out | {f"accuracy_{l.replace(' ', '_')}": s[f"win {l}"] / s[f"n {l}"] for l in labels if len(labels) > 1}
+        if len(labels) > 1:
+            out |= {f"accuracy_{l.replace(' ', '_')}": s[f"win {l}"] / s[f"n {l}"] for l in labels}
+        return out
     return eval_fn
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 
 def train(cfg, pairs, eval_pairs=None):
-    model, tok, template, dist_info = T.prepare_model(cfg, reward=True)
-    rank, device = dist_info[0], dist_info[2]
-    log = print if rank == 0 else (lambda *a, **k: None)
-    log(f"config: {cfg}")
+    model, tok, template, d = T.prepare_model(cfg, reward=True)
+    T.print0(f"config: {cfg}")
     if cfg.eval_frac and not eval_pairs:
-        pairs = pairs[:]
-        random.Random(cfg.seed).shuffle(pairs)
-        k = max(1, int(len(pairs) * cfg.eval_frac))
-        pairs, eval_pairs = pairs[k:], pairs[:k]
+        pairs, eval_pairs = D.split_eval(pairs, cfg.eval_frac, cfg.seed)
     toks, cut = tokenize(pairs, tok, template, cfg.max_len)
-    strengths = ", ".join(f"{n} {s}" for s, n in sorted(Counter(p["strength"] for p in pairs).items()))
-    log(f"data: {len(toks)} pairs, {sum(len(c) + len(r) for c, r in toks)} tokens, template {template}, "
-        f"{cut} cut to --max-len {cfg.max_len}; strengths: {strengths}; held out: {len(eval_pairs or [])} pairs")
-    margins = torch.tensor([p["margin"] if cfg.margin else 0.0 for p in pairs], device=device)
-    plan = plan_batches(toks, cfg.batch_tokens, cfg.epochs, cfg.seed)
+    strengths = Counter(p["strength"] for p in pairs)
+    T.print0(f"data: {len(toks)} pairs, {sum(len(c) + len(r) for c, r in toks)} tokens, "
+             f"template {template}, {cut} cut to --max-len {cfg.max_len}; strengths: "
+             + ", ".join(f"{n} {s}" for s, n in sorted(strengths.items()))
+             + f"; held out: {len(eval_pairs or [])} pairs")
+    margins = torch.tensor([p["margin"] if cfg.margin else 0.0 for p in pairs], device=d.device)
 
     def step_fn(model, mb):
-        rc, rr = pair_rewards(model, toks, mb["idx"])
-        loss = rm_loss(rc, rr, margins[mb["idx"]], cfg.center_coef).sum()
-        rc, rr = rc.detach(), rr.detach()
-        return loss, {"accuracy": (rc > rr).sum(), "reward_chosen": rc.sum(), "reward_rejected": rr.sum(),
-                      "margin": (rc - rr).sum()}
+        r_chosen, r_rejected = pair_rewards(model, toks, mb["idx"])
+        loss = rm_loss(r_chosen, r_rejected, margins[mb["idx"]], cfg.center_coef).sum()
+        r_chosen, r_rejected = r_chosen.detach(), r_rejected.detach()
+        return loss, {"accuracy": (r_chosen > r_rejected).sum(), "reward_chosen": r_chosen.sum(),
+                      "reward_rejected": r_rejected.sum(), "margin": (r_chosen - r_rejected).sum()}
 
     eval_fn = None
     if eval_pairs:
-        eval_fn = make_eval(eval_pairs, tokenize(eval_pairs, tok, template, cfg.max_len)[0], cfg, dist_info)
-    T.fit(cfg, model, plan, step_fn, eval_fn, dist_info)
-    # The reward statistics later stages normalize with: on the held-out pairs, else on the training pairs
-    final = (eval_fn or make_eval(pairs, toks, cfg, dist_info))(model)
-    log(f"{'eval' if eval_fn else 'train'} (final): " + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
-    T.export(cfg, model, tok, template, extra={"reward_mean": final["reward_mean"], "reward_std": final["reward_std"]},
-             hint="score with: python sample.py --reward-model")
+        eval_toks = tokenize(eval_pairs, tok, template, cfg.max_len)[0]
+        eval_fn = make_eval(eval_pairs, eval_toks, cfg, d)
+    T.fit(cfg, model, plan(toks, cfg.batch_tokens, cfg.epochs, cfg.seed), step_fn, eval_fn, d)
+    # The final reward statistics, logged: on held-out pairs, else on the training ones
+    final = (eval_fn or make_eval(pairs, toks, cfg, d))(model)
+    T.print0(f"{'eval' if eval_fn else 'train'} (final): "
+             + " ".join(f"{k} {v:.4f}" for k, v in final.items()))
+    T.export(cfg, model, tok, template, hint="score with: python sample.py --reward-model")
     return model, final
 
 def run():
@@ -223,10 +230,10 @@ def run():
     eval_pairs, eval_skipped = None, Counter()
     if cfg.eval_data:
         eval_pairs, eval_skipped = load_pairs([cfg.eval_data], cfg.split, cfg.skip_bad)
-    if int(os.environ.get("RANK", 0)) == 0:
-        for name, counts in (("data", skipped), ("eval data", eval_skipped)):
-            if counts:
-                print(f"{name}: skipped " + ", ".join(f"{n} ({why})" for why, n in counts.most_common()))
+    for name, counts in (("data", skipped), ("eval data", eval_skipped)):
+        if counts:
+            why = ", ".join(f"{n} ({reason})" for reason, n in counts.most_common())
+            T.print0(f"{name}: skipped {why}")
     if not pairs:
         raise D.DataError(f"{cfg.data[0]}:0: no usable preference pairs")
     train(cfg, pairs, eval_pairs)

@@ -4,12 +4,12 @@ The training loop that sft.py, train_rm.py and dpo.py share: distributed setup (
 (torch.distributed.checkpoint), export as an HF folder, and AdamWLowMem. A stage gives `fit` its
 micro-batches and a function that returns a micro-batch's summed loss; everything else is here.
 """
-import dataclasses, json, math, os, random, time
+import contextlib, dataclasses, json, math, os, random, time, warnings
 from collections import namedtuple
-from dataclasses import dataclass
-# PyTorch's CPU allocator backs every tensor of 2 MB or more with transparent huge pages when this is
-# set (it reads it at the first such allocation, so this import must come before any). Without it each
-# step's activations come back from the kernel 4 KB at a time: a DPO step of SmolLM2-135M took ~1M page
+from dataclasses import dataclass, field
+# With this set, PyTorch's CPU allocator backs every tensor of 2 MB or more with transparent huge
+# pages (read at the first such allocation: this must come before any). Without it each step's
+# activations come back from the kernel 4 KB at a time: a DPO step of SmolLM2-135M took ~1M page
 # faults, 15% of its time in the kernel. No effect on CUDA tensors, nor where THP is off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 import torch
@@ -19,8 +19,9 @@ import model as M
 
 @dataclass
 class TrainConfig:
-    model: str = ""  # input checkpoint: HF folder, Hub id, or .gguf file (default: the bundled SmolLM2)
-    data: list = dataclasses.field(default_factory=list)  # input JSONL file(s), or a dataset name/folder
+    model: str = ""  # input checkpoint: HF folder, Hub id, or .gguf file
+                     # (default: the bundled SmolLM2)
+    data: list = field(default_factory=list)  # input JSONL file(s), or a dataset name/folder
     split: str = "train"  # dataset split, when --data is a dataset
     eval_data: str = ""  # held-out JSONL for eval metrics (else --eval-frac of --data)
     eval_frac: float = 0.0  # fraction of --data held out for eval
@@ -37,7 +38,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step, per rank
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max grad norm (0: off)
-    save_every: int = 0  # save resumable training state every N steps (and always at the end)
+    save_every: int = 0  # save resumable training state every N steps (and at the end)
     resume: bool = False  # continue from out/state
     log_every: int = 1  # log every N steps
     eval_every: int = 0  # eval every N steps (0: only at the end)
@@ -45,16 +46,20 @@ class TrainConfig:
     device: str = "auto"  # cpu, cuda, or auto
     dtype: str = "auto"  # float32 or bfloat16 (auto: bfloat16 on CUDA, float32 on CPU)
     act_ckpt: bool = False  # activation checkpointing (recompute each block in backward)
-    optim: str = "adamw"  # adamw (torch, fused), or adamw-lowmem (stepped in backward, bf16 moments: half the memory)
-    peak_tflops: float = 0.0  # peak for MFU (0: 989 on H100, 312 on other GPUs, 2 on CPU)
+    optim: str = "adamw"  # adamw (torch, fused), or adamw-lowmem (stepped in backward,
+                          # bf16 moments: half the memory)
+    peak_tflops: float = 0.0  # peak for MFU (0: the GPU's data sheet, or this CPU's measured
+                              # matmul peak)
+    keep_state: bool = False  # keep the resumable state of a finished run (it is also kept
+                              # with --save-every)
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Distributed: one launch path for `python x.py` and torchrun; only rank 0 prints and writes
 
 Dist = namedtuple("Dist", "rank world device dtype")
 
 def setup_dist(cfg):
-    """Rank, world size, device and compute dtype, the same for `python x.py` and `torchrun x.py`."""
+    """Rank, world size, device and compute dtype, alike for `python x.py` and `torchrun x.py`."""
     device, dtype = M.pick_device(cfg.device, cfg.dtype, int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -80,28 +85,29 @@ def all_sum(values, device):
         dist.all_reduce(t)
     return t.tolist()
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The model for training: fp32 master weights, FSDP2 under torchrun, bf16 compute by autocast
 
 def prepare_model(cfg, reward=False):
-    """Load cfg.model for training -> (model, tok, template, Dist). FSDP2 under torchrun (each block,
-    then the root; bf16 compute with fp32 gradient reduction on CUDA), a plain module otherwise."""
+    """Load cfg.model for training -> (model, tok, template, Dist): fp32 master weights; under
+    torchrun FSDP2 (each block, then the root; bf16 compute with fp32 gradient reduction on CUDA),
+    each rank reading only its shard of the checkpoint; a plain module otherwise."""
     d = setup_dist(cfg)
     torch.manual_seed(cfg.seed)
-    model, tok, template, sd = M.load_model(cfg.model or M.default_model(), reward=reward, meta=True)
+    model, tok, template, path = M.load_model(cfg.model or M.default_model(), reward=reward,
+                                              meta=True, new_head=reward)
     template = D.get_template(template, cfg.template)
-    sd = {k: v.float() for k, v in sd.items()}
     if d.world > 1:
         from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, StateDictOptions
         cuda = d.device.type == "cuda"
         mp = MixedPrecisionPolicy(d.dtype, torch.float32) if cuda else MixedPrecisionPolicy()
         for block in model.model.layers:
             fully_shard(block, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         model.to_empty(device=d.device)
-        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True))
+        load_shards(model, path, d)
     else:
+        sd = {k: v.float() for k, v in M.read_weights(model, path, lambda n, shape: slice(None))}
         model.load_state_dict(sd, assign=True)
         model.to(d.device)
     model.grad_ckpt = cfg.act_ckpt
@@ -111,6 +117,22 @@ def prepare_model(cfg, reward=False):
     model.autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
     return model, tok, template, d
 
+@torch.no_grad()
+def load_shards(model, path, d):
+    """Fill an FSDP2 model's shards from the checkpoint: FSDP2 gives rank r rows [r*c, (r+1)*c)
+    of dim 0 (c = ceil(rows / world)); each rank reads and upcasts those rows alone, a tensor at
+    a time: host memory per rank is its fp32 shard plus one tensor, whatever the world size."""
+    def rows(name, shape):
+        c = -(-shape[0] // d.world)
+        return slice(min(shape[0], d.rank * c), min(shape[0], (d.rank + 1) * c))
+    params = dict(model.named_parameters())
+    for name, shard in M.read_weights(model, path, rows):
+        local = params[name].to_local()
+        if local.shape != shard.shape:
+            raise RuntimeError(f"{name}: FSDP shard {tuple(local.shape)} != rows read "
+                               f"{tuple(shard.shape)}")
+        local.copy_(shard)
+
 def lr_at(cfg, step, total):
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -119,7 +141,7 @@ def lr_at(cfg, step, total):
     p = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * p)))
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # Saving: the exported HF folder, and the resumable state (sharded, each rank its own files)
 
 def full_state_dict(model):
@@ -142,6 +164,10 @@ def export(cfg, model, tok, template, extra=None, hint="chat with: python chat.p
         sd = {k: v.to(d.dtype) for k, v in sd.items()}
         M.save_checkpoint(cfg.out, sd, mcfg, tok, {"chat_template_name": template} | (extra or {}))
         print(f"saved {cfg.out} ({hint} {cfg.out})")
+        state = os.path.join(cfg.out, "state")
+        if os.path.exists(state) and not (cfg.keep_state or cfg.save_every):  # 2x the model's size
+            import shutil  # in optimizer moments, that nobody resumes from a finished run
+            shutil.rmtree(state)
 
 def save_state(path, model, opt, step):
     """Resumable state (model, optimizer, step, RNG) with torch.distributed.checkpoint: each rank
@@ -153,14 +179,16 @@ def save_state(path, model, opt, step):
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
     msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
+    with single_process_quiet():
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp)
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
     torch.save({"cpu": torch.get_rng_state(), "py": random.getstate(), "cuda": cuda_rng},
                os.path.join(tmp, f"rng{rank}.pt"))
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        json.dump({"step": step}, open(os.path.join(tmp, "step.json"), "w"))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        json.dump({"step": step, "world": world}, open(os.path.join(tmp, "step.json"), "w"))
         if os.path.exists(path):
             shutil.rmtree(path)
         os.rename(tmp, path)
@@ -170,9 +198,16 @@ def save_state(path, model, opt, step):
 def load_state(path, model, opt):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    saved = json.load(open(os.path.join(path, "step.json")))
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if saved.get("world", world) != world:  # each rank's micro-batches and RNG depend on it
+        raise SystemExit(f"error: {path} was saved by {saved['world']} processes, this run has "
+                         f"{world}: --resume needs the same world size (or start afresh "
+                         "without it)")
     msd, osd = get_state_dict(model, opt)
     sd = {"model": msd, "optim": osd}
-    dcp.load(sd, checkpoint_id=path)
+    with single_process_quiet():
+        dcp.load(sd, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng = torch.load(os.path.join(path, f"rng{rank}.pt"), weights_only=False)
@@ -180,26 +215,34 @@ def load_state(path, model, opt):
     random.setstate(rng["py"])
     if rng["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return json.load(open(os.path.join(path, "step.json")))["step"]
+    return saved["step"]
 
-# ----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def single_process_quiet():
+    """DCP warns on every save and load without a process group that it assumes one process: true,
+    and nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+# -------------------------------------------------------------------------------------------------
 # Optimizers: torch's fused AdamW, or AdamWLowMem (stepped inside backward, bf16 moments)
 
 def bf16_stochastic(x, noise):
-    """fp32 -> bf16 rounded up or down at random, in proportion to the distance: unbiased on average.
-    noise: int32 uniform in [0, 2^16), shaped like x. Nearest rounding would lose Adam's v decay (x0.999
-    is below bf16's 2^-8 resolution) and every update smaller than that."""
+    """fp32 -> bf16 rounded up or down at random, in proportion to the distance: unbiased on
+    average. noise: int32 uniform in [0, 2^16), shaped like x. Nearest rounding would lose Adam's
+    v decay (x0.999 is below bf16's 2^-8 resolution) and every update smaller than that."""
     return ((x.view(torch.int32) + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 class AdamWLowMem(torch.optim.Optimizer):
-    """AdamW in 8 bytes a parameter instead of 16 (--optim adamw-lowmem), for memory-bound runs:
-    - each parameter steps inside backward, as soon as its gradient is complete, and the gradient is
-      freed at once, so the whole set of gradients never exists (torchtune's optimizer-in-backward;
-      FSDP2 runs the hook on the sharded parameter after its reduce-scatter);
-    - the moments are stored in bf16 with stochastic rounding; the math is fp32, the weights stay fp32
-      (a 5e-7 DPO update is far below a bf16 weight's resolution).
-    The price: no global grad-norm clipping (the norm is known only when every parameter has stepped; it
-    is still logged) and one micro-batch per step (a gradient cannot be accumulated once it is used)."""
+    """AdamW in 8 bytes a parameter, not 16 (--optim adamw-lowmem), for memory-bound runs:
+    - each parameter steps inside backward as soon as its gradient is complete, and the gradient
+      is freed at once, so the whole set of gradients never exists (torchtune's optimizer in
+      backward; FSDP2 runs the hook on the sharded parameter after its reduce-scatter);
+    - the moments are stored in bf16 with stochastic rounding; the math is fp32, the weights
+      stay fp32 (a 5e-7 DPO update is far below a bf16 weight's resolution).
+    The price: no grad-norm clipping (the global norm, still logged, is known only once every
+    parameter has stepped) and one micro-batch per step (a used gradient cannot accumulate)."""
     def __init__(self, params, lr, betas, eps, weight_decay, seed=0, chunk=1 << 20):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         super().__init__(list(params), defaults)
@@ -216,14 +259,14 @@ class AdamWLowMem(torch.optim.Optimizer):
             st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p, dtype=torch.bfloat16),
                       exp_avg_sq=torch.zeros_like(p, dtype=torch.bfloat16))
         for key in ("exp_avg", "exp_avg_sq"):  # Optimizer.load_state_dict casts state to the param
-            st[key] = st[key].to(torch.bfloat16)  # dtype: undo (exact: the values are bf16 already)
+            st[key] = st[key].to(torch.bfloat16)  # dtype: undo (exact: the values are bf16)
         st["step"] += 1
         local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # FSDP2 shards: all alike
         w, m, v = (local(t).view(-1) for t in (p, st["exp_avg"], st["exp_avg_sq"]))
         g = local(p.grad).reshape(-1)
         (b1, b2), lr, k = group["betas"], group["lr"], int(st["step"])
-        # Rounding noise: drawn per element it cost 20x the update itself; instead one buffer per step,
-        # seeded by step (resume-exact), read by each chunk at a pseudo-random offset.
+        # Rounding noise: drawn per element it cost 20x the update itself; instead one buffer per
+        # step, seeded by step (resume-exact), read by each chunk at a pseudo-random offset.
         if self.noise_step != k or self.noise.device != w.device:
             gen = torch.Generator(w.device).manual_seed(hash((self.seed, k)) % 2**62)
             self.noise = torch.randint(0, 1 << 16, (2, 2 * self.chunk), dtype=torch.int32,
@@ -231,7 +274,8 @@ class AdamWLowMem(torch.optim.Optimizer):
             self.noise_step = k
         self.sq = self.sq + g.float().square().sum()  # a tensor: no device sync per parameter
         for a in range(0, w.numel(), self.chunk):  # fp32 temporaries a chunk at a time
-            sl, n, o = slice(a, a + self.chunk), min(self.chunk, w.numel() - a), hash((i, a)) % self.chunk
+            sl, n = slice(a, a + self.chunk), min(self.chunk, w.numel() - a)
+            o = hash((i, a)) % self.chunk  # this chunk's offset into the noise buffer
             m32 = m[sl].float().lerp_(g[sl], 1 - b1)
             v32 = v[sl].float().mul_(b2).addcmul_(g[sl], g[sl], value=1 - b2)
             w[sl].mul_(1 - lr * group["weight_decay"])
@@ -242,7 +286,7 @@ class AdamWLowMem(torch.optim.Optimizer):
         p.grad = None
 
     def step(self, closure=None):
-        # Gradients are used up in backward; any left (a checkpoint's state init with zero grads) step here.
+        # Backward uses the gradients up; any left (a checkpoint's zero-grad state init) step here.
         late = [p for p in self.index if p.grad is not None]
         for p in late:
             self.step_param(p)
@@ -255,11 +299,11 @@ class AdamWLowMem(torch.optim.Optimizer):
         return math.sqrt(all_sum([sq], self.param_groups[0]["params"][0].device)[0])
 
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW (fused: on CPU too, ~6x faster than foreach) with the clip_grad_norm of FSDP2."""
+    """torch's AdamW (fused: on CPU too, ~6x faster than foreach) with FSDP2's clip_grad_norm."""
     def clip_grad_norm(self, max_norm):
         params = [p for g in self.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor on FSDP
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
 
 def make_optimizer(cfg, model, rank):
     kw = dict(lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -272,20 +316,52 @@ def make_optimizer(cfg, model, rank):
                          "it needs --grad-accum 1 and --grad-clip 0")
     return AdamWLowMem(model.parameters(), seed=cfg.seed + 7919 * rank, **kw)
 
-# ----------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # The loop
 
-def peak_tflops(cfg, device):
+GPU_PEAK_TFLOPS = {  # dense bf16 tensor-core peaks from the vendor's data sheets; first match wins
+    "H100 PCIe": 756, "H100": 989, "H200": 989, "H800": 989, "GH200": 989, "B200": 2250,
+    "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "RTX 4090": 165,
+}
+
+def peak_tflops(cfg, device, dtype):
+    """The peak MFU is taken against: --peak-tflops, else the GPU's data-sheet figure (None for a
+    GPU not in the table: MFU is then logged as unknown, not as a wrong number), else on CPU the
+    measured matmul throughput of this machine in the run's dtype (a 1 s probe, cached per CPU)."""
     if cfg.peak_tflops:
         return cfg.peak_tflops
-    if device.type != "cuda":
-        return 2.0
-    return 989.0 if "H100" in torch.cuda.get_device_name(device) else 312.0
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+    return cpu_matmul_tflops(dtype)
+
+def cpu_matmul_tflops(dtype, n=1024):
+    """The best of a second of n x n matmuls in `dtype` with this process's threads: what a
+    training step's matmuls could reach here. Cached per CPU model, thread count and dtype."""
+    lines = open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else []
+    cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "cpu")
+    key = f"{cpu}|{torch.get_num_threads()} threads|{dtype}"
+    cache_dir = os.path.expanduser(os.environ.get("XWIN_CACHE", "~/.cache/xwin"))
+    path = os.path.join(cache_dir, "peaks.json")
+    cache = json.load(open(path)) if os.path.exists(path) else {}
+    if key not in cache:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        best, t_end = 0.0, time.time() + 1.0
+        while time.time() < t_end:
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e12)
+        cache[key] = best
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        json.dump(cache, open(path + f".tmp{os.getpid()}", "w"), indent=1)
+        os.replace(path + f".tmp{os.getpid()}", path)
+    return cache[key]
 
 def release_heap():
-    """Hand the step's freed activations back to the OS. glibc keeps freed blocks in its heap (and raises
-    its mmap threshold as big blocks come and go), so on CPU the RSS kept growing by about 1 GB over the
-    first DPO steps of a 135M model while live tensors did not. No-op where malloc_trim is missing."""
+    """Hand the step's freed activations back to the OS. glibc keeps freed blocks in its heap
+    (and raises its mmap threshold as big blocks come and go): on CPU the RSS grew by ~1 GB over
+    the first DPO steps of a 135M model while live tensors did not. No-op without malloc_trim."""
     try:
         import ctypes
         ctypes.CDLL(None).malloc_trim(0)
@@ -294,8 +370,9 @@ def release_heap():
 
 @torch.no_grad()
 def evaluate(model, batches, fn, d):
-    """Sum fn(model, batch) -> {stat: sum} over batches split across ranks. Every rank runs the same
-    number of forwards (FSDP's collectives need it): a rank short of batches repeats one, uncounted."""
+    """Sum fn(model, batch) -> {stat: sum} over batches split across ranks. Every rank runs the
+    same number of forwards (FSDP's collectives need it): one short of batches repeats one,
+    uncounted."""
     model.eval()
     acc = {}
     for j in range(math.ceil(len(batches) / d.world)):
@@ -313,13 +390,13 @@ def log_record(acc, step, lr, gnorm, dt, flops_tok, peak, d):
     keys = sorted(acc)
     sums = dict(zip(keys, all_sum([acc[k] for k in keys], d.device)))
     tok_s = sums["tokens"] / dt
+    mfu = tok_s * flops_tok / (peak * 1e12 * d.world) if peak else None
     rec = {"step": step, "loss": sums.pop("loss") / sums["count"], "lr": lr, "grad_norm": gnorm,
-           "tokens_per_s": tok_s, "mfu": tok_s * flops_tok / (peak * 1e12 * d.world),
-           "peak_mem_gb": M.peak_memory_gb(d.device)}
+           "tokens_per_s": tok_s, "mfu": mfu, "peak_mem_gb": M.peak_memory_gb(d.device)}
     return rec | {k: v / sums["count"] for k, v in sums.items() if k not in ("tokens", "count")}
 
 def resume_log(cfg, log_path, start, rank):
-    """The log records up to the resumed step (later ones are redone), rewritten with the config."""
+    """Log records up to the resumed step (later ones are redone), rewritten with the config."""
     records = [json.loads(l) for l in open(log_path)] if start and os.path.exists(log_path) else []
     records = [r for r in records if r.get("step", 0) <= start]
     if rank == 0:
@@ -331,11 +408,11 @@ def resume_log(cfg, log_path, start, rank):
     return records
 
 def fit(cfg, model, plan, step_fn, eval_fn, d):
-    """The training loop. plan: every micro-batch of the run in order (all epochs), each a dict with
-    'count' (its share of the loss normalizer: target tokens, or pairs) and 'tokens'. A step takes the
-    next grad_accum * world micro-batches, rank r the r-th of each group, and divides the summed loss by
-    the step's total count on all ranks: the same gradients for any split across ranks. step_fn(model,
-    mb) -> (loss_sum, {stat: sum}). Returns the run's log records."""
+    """The training loop. plan: every micro-batch of the run in order (all epochs), each a dict
+    with 'count' (its share of the loss normalizer: target tokens, or pairs) and 'tokens'. A step
+    takes the next grad_accum * world micro-batches, rank r the r-th of each group, and divides
+    the summed loss by the step's total count on all ranks: the same gradients for any split
+    across ranks. step_fn(model, mb) -> (loss_sum, {stat: sum}). Returns the run's log records."""
     from tqdm import tqdm
     per_step = cfg.grad_accum * d.world
     total = len(plan) // per_step
@@ -353,7 +430,10 @@ def fit(cfg, model, plan, step_fn, eval_fn, d):
     records = resume_log(cfg, log_path, start, d.rank)
     docs = sum(mb.get("docs", 1) for mb in plan[:per_step])
     seq = sum(mb["tokens"] for mb in plan[:per_step]) / max(1, docs)
-    flops_tok, peak = model.cfg.flops_per_token(seq), peak_tflops(cfg, d.device)
+    flops_tok, peak = model.cfg.flops_per_token(seq), peak_tflops(cfg, d.device, d.dtype)
+    against = f"{peak:.3g} TFLOP/s" if peak else "an unknown peak (--peak-tflops)"
+    where = f"measured matmul peak, {d.dtype}" if d.device.type == "cpu" else d.device
+    print0(f"MFU against {against} per rank ({where})")
     bar = tqdm(range(start, total), initial=start, total=total, disable=d.rank != 0, desc="train",
                dynamic_ncols=True)
     t0, acc = time.time(), {}
@@ -386,14 +466,15 @@ def fit(cfg, model, plan, step_fn, eval_fn, d):
             records.append(rec)
             write_log(bar, log_path, rec, d.rank)
             t0, acc = time.time(), {}
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:
+        periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
+        if periodic or (last and (cfg.keep_state or cfg.save_every)):  # resumable state
             save_state(state_dir, model, opt, step + 1)
     return records
 
 def write_log(bar, log_path, rec, rank):
     if rank == 0:
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}")
-        bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+        bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v or 'unknown'}"
                            for k, v in rec.items()))
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")

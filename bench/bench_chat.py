@@ -14,7 +14,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import data as D  # noqa: E402
 import model as M  # noqa: E402
-import training as T  # noqa: E402
 
 @dataclass
 class Config:
@@ -43,7 +42,9 @@ def time_hf(cfg, dtype):
     path = M.resolve(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(path)
-    ids = torch.tensor([D.render(tok, [{"role": "user", "content": cfg.prompt}], M.get_template(tok, path), prompt=True)[0]])
+    saved = json.load(open(os.path.join(path, "config.json"))).get("chat_template_name")
+    template = D.get_template(saved or M.guess_template(tok))
+    ids = torch.tensor([D.render(tok, [{"role": "user", "content": cfg.prompt}], template, prompt=True)[0]])
 
     @torch.no_grad()
     def gen(n):

@@ -1,6 +1,6 @@
 """
 DPO throughput and peak memory: dpo.py's training path (reference log-probs cached in a first pass, then
-model.fit over packed chosen+rejected micro-batches) against TRL's DPOTrainer, on the same model
+training.fit over packed chosen+rejected micro-batches) against TRL's DPOTrainer, on the same model
 (SmolLM2-135M from the bundled GGUF), the same pairs, max length, pairs per micro-batch, steps, schedule
 and dtype, on this machine. Sides:
   ours      dpo.py as it comes: torch AdamW (fused), grad clipping 1.0
@@ -10,7 +10,7 @@ and dtype, on this machine. Sides:
 Both sides use activation checkpointing by default (TRL's DPOConfig default; --no-grad-ckpt: neither).
 TRL 1.16's padding_free falls back to padding. Each trainer runs in its own subprocess, so peak RSS
 (ru_maxrss) is its own. tokens/s counts real (non-pad) tokens, over the steps after --warmup; the
-reference pass is timed apart. model.py backs large CPU tensors with huge pages (THP_MEM_ALLOC_ENABLE=1),
+reference pass is timed apart. training.py backs large CPU tensors with huge pages (THP_MEM_ALLOC_ENABLE=1),
 and every side imports it: all run with the same allocator (THP_MEM_ALLOC_ENABLE=0: all without).
 
     pip install trl==1.16.0   # the bench only; nothing else imports trl
@@ -74,16 +74,16 @@ def run_ours(cfg, data, out):
                    lr=cfg.lr, dtype=cfg.dtype, seed=cfg.seed, act_ckpt=cfg.grad_ckpt, log_every=1)
     if cfg.child == "lowmem":
         c.optim, c.grad_clip = "adamw-lowmem", 0.0
-    model, tok, template, dist = T.prepare_model(c)
+    model, tok, template, d = T.prepare_model(c)
     ex, _, _ = dpo.tokenize(dpo.load_pairs(c.data, c)[0], tok, template, c.max_len)
     P, plan, ref_batches = cfg.pairs_per_batch, [], None  # fixed pairs per micro-batch (TRL's batch size)
     while len(plan) < cfg.steps + 1:  # a seeded order per epoch; the reference pass covers every pair once
         order = random.Random(cfg.seed + len(plan)).sample(range(len(ex)), len(ex))
         ref_batches = ref_batches or [order[i:i + P] for i in range(0, len(ex), P)]
-        plan += [{"idx": b, "tokens": sum(len(ex[i][0]) + len(ex[i][2]) for i in b), "docs": 2 * len(b), "count": len(b)}
+        plan += [{"idx": b, "tokens": sum(len(ex[i].chosen_ids) + len(ex[i].rejected_ids) for i in b), "docs": 2 * len(b), "count": len(b)}
                  for b in (order[i:i + P] for i in range(0, len(ex) - P + 1, P))]
     t0 = time.time()
-    ref = dpo.cached_reference(c, model, ex, [e[6] for e in ex], ref_batches, dist, T.setup_dist(c)[3], lambda *a: None)
+    ref = dpo.cached_reference(c, model, ex, ref_batches, d)
     ref_s, ends, peaks = time.time() - t0, [], {}
 
     def step_fn(m, mb):  # fit() calls this once per step (grad_accum 1): the previous step has ended
@@ -92,7 +92,7 @@ def run_ours(cfg, data, out):
             peaks.update(peak_memory())
         return dpo.pair_terms(c, m, ex, mb["idx"], ref)
     t0 = time.time()  # one step more than timed: the last one ends with fit() saving its training state
-    recs = T.fit(c, model, plan, step_fn, None, dist)[:cfg.steps]
+    recs = T.fit(c, model, plan, step_fn, None, d)[:cfg.steps]
     tokens = [mb["tokens"] for mb in plan[:cfg.steps]]
     return {"tokens_per_s": timed(tokens, ends[1:], t0, cfg.warmup), "tokens_per_step": sum(tokens) / len(tokens),
             "ref_pass_s": ref_s, "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"]} | peaks
@@ -157,7 +157,7 @@ def main():
     from transformers import AutoTokenizer
     path = M.resolve(cfg.model)
     tok = AutoTokenizer.from_pretrained(path)
-    template = M.get_template(tok, path)
+    template = json.load(open(os.path.join(path, "config.json"))).get("chat_template_name") or M.guess_template(tok)
     pairs = synth(cfg, tok, template)
     os.makedirs(cfg.out, exist_ok=True)
     data = os.path.join(cfg.out, "data.jsonl")

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402
 import model as M  # noqa: E402
-import training as T  # noqa: E402
 
 @dataclass
 class Config:
@@ -118,9 +117,9 @@ def child(cfg):
     model_cfg = json.load(open(os.path.join(path, "config.json")))
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
-    template = M.get_template(tok, path)
+    template = D.get_template(model_cfg.get("chat_template_name") or M.guess_template(tok))
     prompts = [D.render(tok, c, template, prompt=True)[0] for c in conversations(cfg.prompts)]
-    eos = {D.eos_id(tok, template)} | set(model_cfg["eos_token_id"] if isinstance(model_cfg["eos_token_id"], list) else [model_cfg["eos_token_id"]])
+    eos = D.stop_ids(tok, template, model_cfg["eos_token_id"])
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     t0, c0, counts = (run_ours if cfg.child == "ours" else run_hf)(cfg, path, prompts, eos, dtype)
     wall, cpu = time.time() - t0, time.process_time() - c0
@@ -139,7 +138,9 @@ def main():
     from transformers import AutoTokenizer
     path = M.resolve(cfg.model)
     tok = AutoTokenizer.from_pretrained(path)
-    lens = [len(D.render(tok, c, M.get_template(tok, path), prompt=True)[0]) for c in conversations(cfg.prompts)]
+    saved = json.load(open(os.path.join(path, "config.json"))).get("chat_template_name")
+    template = D.get_template(saved or M.guess_template(tok))
+    lens = [len(D.render(tok, c, template, prompt=True)[0]) for c in conversations(cfg.prompts)]
     print(f"{len(lens)} prompts of {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}); "
           f"max {cfg.max_new_tokens} new tokens, temperature {cfg.temperature}, top-p {cfg.top_p}, {cfg.dtype}; "
           f"transformers: batch per {cfg.hf_batch}, {cfg.hf_cache} cache, sdpa; model {path}; {os.cpu_count()} cpus", flush=True)

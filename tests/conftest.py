@@ -84,10 +84,16 @@ def write_jsonl(path, records):
             f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
     return str(path)
 
+def torchrun(nproc):
+    """torchrun on a free port: --standalone lets the rendezvous bind port 0, so concurrent tests (or a
+    port left in TIME_WAIT) never collide, as a random --master_port could. "--": torchrun would take
+    --n as its own flag."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "--"]
+
 def run_script(*args, nproc=1, timeout=600, check=True, env=None):
     """Run a stage script as a user would (python X.py or torchrun), from the repo root."""
-    cmd = [sys.executable, *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(random.randint(20000, 40000)), "--", *args]  # "--": torchrun would take --n as its own
+    cmd = [sys.executable, *args] if nproc == 1 else torchrun(nproc) + list(args)
     e = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", **(env or {}))
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
     if check and p.returncode != 0:

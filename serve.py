@@ -1,0 +1,299 @@
+"""
+`python chat.py --serve`: OpenAI's POST /v1/chat/completions (streamed or not; n, stop, seed,
+logprobs, top_logprobs) and GET /v1/models, on the standard library's HTTP server. One request at a
+time generates (a lock around the model): concurrent clients queue rather than corrupt each other's
+KV cache or RNG. chat.py's REPL streams its replies through Stream too."""
+import json, random, re, sys, threading, time, traceback, uuid
+import torch
+import data as D
+import model as M
+
+class Stream:
+    """Incremental detokenization: decode all ids so far, hand out the new suffix. A trailing
+    U+FFFD (a UTF-8 character split across tokens) is held back until complete; so is a tail that
+    may start a stop string. Text ends at the first stop string."""
+    def __init__(self, tok, stop=()):
+        self.tok, self.stop, self.ids, self.sent, self.text = tok, list(stop), [], 0, ""
+
+    def push(self, token):
+        self.ids.append(token)
+        return self._emit(final=False)
+
+    def finish(self):
+        return self._emit(final=True)
+
+    def _emit(self, final):
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        hits = [text.find(s) for s in self.stop if s in text]
+        if hits:
+            text = text[:min(hits)]
+        elif not final:
+            text = text.rstrip("\ufffd")
+            hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])),
+                       default=0)
+            text = text[:len(text) - hold]
+        self.text = text
+        new, self.sent = text[self.sent:], max(self.sent, len(text))
+        return new
+
+# -------------------------------------------------------------------------------------------------
+# Requests: checked up front; anything malformed is a 400 with OpenAI's error shape
+
+class BadRequest(ValueError):  # a 400 for the client
+    pass
+
+def number(req, key, default, lo, hi, kind=float):
+    v = req.get(key)
+    if v is None:
+        return default
+    wrong_type = isinstance(v, bool) or not isinstance(v, (int, float))
+    if wrong_type or (kind is int and v != int(v)) or not lo <= v <= hi:
+        what = "an integer" if kind is int else "a number"
+        raise BadRequest(f"'{key}' must be {what} in [{lo}, {hi}], got {v!r}")
+    return kind(v)
+
+def parse_request(body, cfg):
+    try:
+        req = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadRequest(f"body is not valid JSON: {e}") from None
+    if not isinstance(req, dict):
+        raise BadRequest("body must be a JSON object")
+    msgs = req.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("'messages' must be a non-empty list")
+    messages = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise BadRequest(f"messages[{i}] must be an object")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is understood
+            texts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None
+                     for p in content]
+            if not all(isinstance(t, str) for t in texts):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported")
+            content = "".join(texts)
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        messages.append({"role": role, "content": content})
+    try:
+        D.check_messages(messages, prompt=True)
+    except ValueError as e:
+        raise BadRequest(f"messages: {e}") from None
+    stop = req.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    strings = isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
+    if not strings or len(stop) > 4:
+        raise BadRequest("'stop' must be a string or a list of at most 4 non-empty strings")
+    stream, options = req.get("stream") or False, req.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict):
+        raise BadRequest("'stream' must be a boolean and 'stream_options' an object")
+    top_logprobs = number(req, "top_logprobs", 0, 0, 20, int)
+    logprobs = req.get("logprobs") or False
+    if not isinstance(logprobs, bool):
+        raise BadRequest("'logprobs' must be a boolean")
+    if req.get("top_logprobs") is not None and not logprobs:
+        raise BadRequest("'top_logprobs' needs 'logprobs': true")
+    if logprobs and stream:
+        raise BadRequest("'logprobs' is supported without 'stream' only")
+    top_p = number(req, "top_p", cfg.top_p, 0, 1)  # top_p 0 means greedy
+    max_tokens = {"max_tokens": req.get("max_completion_tokens", req.get("max_tokens"))}
+    return dict(messages=messages, stop=stop, stream=stream, top_p=top_p or 1.0,
+                temperature=number(req, "temperature", cfg.temperature, 0, 2) if top_p else 0.0,
+                max_tokens=number(max_tokens, "max_tokens", cfg.max_new_tokens, 1, 10**9, int),
+                n=number(req, "n", 1, 1, cfg.max_n, int),
+                seed=number(req, "seed", None, -2**63, 2**64 - 1, int),
+                include_usage=bool(options.get("include_usage")), logprobs=logprobs,
+                top_logprobs=top_logprobs)
+
+# -------------------------------------------------------------------------------------------------
+# Logprobs in OpenAI's shape: each token's text, bytes and log-probability, with the top k
+
+def token_bytes(tok):
+    """-> a function: token id -> its bytes, as OpenAI's logprobs report them. Byte-level BPE
+    (GPT-2, SmolLM2, Llama-3) spells bytes as printable characters; SentencePiece has <0xNN>
+    pieces. Decoding one id alone would lose SentencePiece's leading space and split UTF-8."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + i for i in range(len(rest))]
+    byte_of = {chr(c): b for b, c in zip(printable + rest, chars)}
+    byte_level = "\u0120" in tok.get_vocab()  # Ġ, byte-level BPE's space
+    memo = {}
+
+    def get(i):
+        if i not in memo:
+            piece = tok.convert_ids_to_tokens(i) or ""
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                memo[i] = bytes([int(piece[3:5], 16)])
+            elif byte_level and all(c in byte_of for c in piece):
+                memo[i] = bytes(byte_of[c] for c in piece)
+            else:  # SentencePiece (▁ is a space), or a special token outside the byte alphabet
+                text = tok.decode([i]) if byte_level else piece.replace("\u2581", " ")
+                memo[i] = text.encode()
+        return memo[i]
+    return get
+
+class Logprobs:
+    """OpenAI's choice.logprobs of n completions, collected while generate() shows each step's
+    logits (on_logits) before it samples the token (on_token): the model's own log-softmax, before
+    temperature, top-p and top-k, as OpenAI's. A completion that ended at an EOS gets an entry for
+    it too (the likeliest EOS id: generate() does not say which one it drew)."""
+    def __init__(self, n, k, tbytes):
+        self.k, self.tbytes, self.last, self.seen = k, tbytes, [None] * n, [0] * n
+        self.content = [[] for _ in range(n)]
+
+    def on_logits(self, rows, logits):  # keeps the last distribution of rows not ended at an EOS
+        live = [(j, r) for j, r in enumerate(rows) if self.seen[r] == len(self.content[r])]
+        if live:
+            lp = torch.log_softmax(logits.float(), -1)
+            for j, r in live:
+                self.last[r], self.seen[r] = lp[j], self.seen[r] + 1
+
+    def on_token(self, row, t):
+        self.content[row].append(self.entry(self.last[row], t))
+
+    def result(self, row, end=()):
+        if end:  # it ended at an EOS: one of `end` was drawn from its last distribution
+            lp = self.last[row]
+            self.content[row].append(self.entry(lp, max(end, key=lambda e: float(lp[e]))))
+        return {"content": self.content[row], "refusal": None}
+
+    def entry(self, lp, t):
+        v, i = lp.topk(self.k)
+        top = [self.item(a, b) for a, b in zip(i.tolist(), v.tolist())]
+        return self.item(t, float(lp[t])) | {"top_logprobs": top}
+
+    def item(self, t, logprob):
+        b = self.tbytes(t)
+        try:
+            text = b.decode()
+        except UnicodeDecodeError:  # part of a UTF-8 character: OpenAI's spelling
+            text = "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+        return {"token": text, "logprob": logprob, "bytes": list(b)}
+
+def serve(cfg, model, tok, template, eos, name):
+    from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
+    lock, seeds, tbytes = threading.Lock(), random.Random(cfg.seed), token_bytes(tok)
+    context = model.cfg.max_position_embeddings
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive for clients sending many requests (annotate.py)
+
+        def send_json(self, code, obj):
+            body = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def error(self, code, message, kind="invalid_request_error"):
+            err = {"message": message, "type": kind, "param": None, "code": None}
+            self.send_json(code, {"error": err})
+
+        def do_GET(self):
+            if self.path.rstrip("/") != "/v1/models":
+                return self.error(404, f"no route GET {self.path}", "not_found_error")
+            self.send_json(200, {"object": "list", "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "local"}]})
+
+        def do_POST(self):
+            try:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            except ValueError:
+                self.close_connection = True
+                return self.error(400, "bad Content-Length")
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                return self.error(404, f"no route POST {self.path}", "not_found_error")
+            self.started = False
+            try:
+                req = parse_request(body, cfg)
+                ids, _ = D.render(tok, req["messages"], template, prompt=True)
+                if len(ids) >= context:
+                    raise BadRequest(f"the prompt has {len(ids)} tokens; the context is {context}")
+                self.complete(req, ids, min(req["max_tokens"], context - len(ids)))
+            except BadRequest as e:
+                self.error(400, str(e))
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the client went away mid-stream
+            except Exception as e:  # a bug must cost one request, not the server
+                traceback.print_exc()
+                if not self.started:
+                    self.error(500, f"{type(e).__name__}: {e}", "server_error")
+                self.close_connection = True
+
+        def chunk(self, choices, **extra):  # one server-sent event
+            data = self.head | {"object": "chat.completion.chunk", "choices": choices} | extra
+            self.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+            self.wfile.flush()
+
+        def delta(self, i, delta, finish_reason=None):
+            self.chunk([{"index": i, "delta": delta, "logprobs": None,
+                         "finish_reason": finish_reason}])
+
+        def complete(self, req, ids, max_tokens):
+            n, stream = req["n"], req["stream"]
+            rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+            self.head = {"id": rid, "created": created, "model": name}
+            streams = [Stream(tok, req["stop"]) for _ in range(n)]
+            lps = Logprobs(n, req["top_logprobs"], tbytes) if req["logprobs"] else None
+
+            def on_token(row, t):
+                if not stream:
+                    if lps:
+                        lps.on_token(row, t)
+                    return streams[row].ids.append(t)  # decoded once at the end
+                text = streams[row].push(t)
+                if text:
+                    self.delta(row, {"content": text})
+
+            with lock:
+                if stream:  # server-sent events; the end of the body is the closed connection
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Cache-Control", "no-cache")
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.started = self.close_connection = True
+                    for i in range(n):
+                        self.delta(i, {"role": "assistant", "content": ""})
+                seed = req["seed"] if req["seed"] is not None else seeds.getrandbits(63)
+                outs = M.generate(model, [ids], n=n, max_new_tokens=max_tokens,
+                                  temperature=req["temperature"], top_p=req["top_p"],
+                                  top_k=cfg.top_k, eos_ids=eos, stop=req["stop"], tokenizer=tok,
+                                  on_token=on_token, on_logits=lps and lps.on_logits,
+                                  generator=torch.Generator(model.device).manual_seed(seed))[0]
+            # OpenAI has no "eos": an EOS and a stop string are both "stop"
+            reasons = ["length" if o["finish_reason"] == "length" else "stop" for o in outs]
+            new_tokens = sum(len(o["ids"]) for o in outs)
+            usage = {"prompt_tokens": len(ids), "completion_tokens": new_tokens}
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            if stream:
+                for i, s in enumerate(streams):
+                    text = s.finish()
+                    self.delta(i, {"content": text} if text else {}, reasons[i])
+                if req["include_usage"]:
+                    self.chunk([], usage=usage)
+                self.wfile.write(b"data: [DONE]\n\n")
+                self.wfile.flush()
+                return
+            choices = []
+            for i, (s, o) in enumerate(zip(streams, outs)):
+                s.finish()
+                logprobs = lps and lps.result(i, eos if o["finish_reason"] == "eos" else ())
+                choices.append({"index": i, "message": {"role": "assistant", "content": s.text},
+                                "logprobs": logprobs, "finish_reason": reasons[i]})
+            reply = {"object": "chat.completion", "choices": choices, "usage": usage}
+            self.send_json(200, self.head | reply)
+
+        def log_message(self, fmt, *args):
+            print(f"{self.address_string()} {fmt % args}", file=sys.stderr, flush=True)
+
+    server = ThreadingHTTPServer((cfg.host, cfg.port), Handler)
+    server.daemon_threads = True
+    host, port = server.server_address[:2]
+    print(f"serving {name} at http://{host}:{port}/v1 (POST /v1/chat/completions, "
+          "GET /v1/models); Ctrl-C stops", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
