@@ -54,16 +54,19 @@ def write_jsonl_atomic(path, records):
 
 def truncate_torn(path):
     """Resume an append-only output: cut a torn last line (a kill mid-write) off the file, in
-    place, and return the ids of the complete records before it."""
+    place, and return the ids of the complete records before it. A record is complete with its
+    newline only: one that parses without it would have the next append glued onto it."""
     ids = set()
     if os.path.exists(path):
-        with open(path, "r+", encoding="utf-8") as f:
+        with open(path, "rb+") as f:  # bytes: the offsets are the file's, whatever its line ends
             good = 0
             for line in f:
                 try:
+                    if not line.endswith(b"\n"):
+                        raise ValueError("no newline")
                     ids.add(json.loads(line)["id"])
-                    good += len(line.encode("utf-8"))
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    good += len(line)
+                except (ValueError, KeyError, TypeError):  # JSONDecodeError, bad UTF-8 too
                     break
             f.truncate(good)
     return ids
@@ -228,6 +231,11 @@ def render(tok, messages, template, prompt=False, closed=True):
     # same in the window (which starts with the EOS) as in the whole text, and the cost is linear.
     text, done = "", []
 
+    def literal_ids(s):  # s in plain tokens as they follow other text: after "\n", whose ids are
+        nl = enc("\n", split_special_tokens=True)  # dropped (SentencePiece would otherwise
+        after = enc("\n" + s, split_special_tokens=True)  # prefix a lone s with a space)
+        return after[len(nl):] if after[:len(nl)] == nl else enc(s, split_special_tokens=True)
+
     def cut(flag):  # extend ids with the tokens of `text` beyond what is already done
         nonlocal done
         full = enc(text)
@@ -245,7 +253,7 @@ def render(tok, messages, template, prompt=False, closed=True):
                 text += piece
                 continue
             cut(flag)  # a literal special token: its text in plain tokens, then on as after an EOS
-            plain = enc(piece, split_special_tokens=True)
+            plain = literal_ids(piece)
             ids.extend(plain)
             mask.extend([flag] * len(plain))
             text, done = eos_text, [eos]

@@ -129,7 +129,11 @@ def record_pairs(rec, where, cfg, counts):
             raise D.DataError(f"{where}: chosen and rejected continue different conversations")
         if c == r:
             raise D.DataError(f"{where}: chosen and rejected are identical")
-        return [{"id": rid, "messages": pc, "chosen": c, "rejected": r}]
+        cut = {f"{k}_truncated": bool(rec.get(f"{k}_truncated")) for k in ("chosen", "rejected")}
+        if cut["chosen_truncated"] and not cfg.allow_truncated:  # as from an Xwin-Set: never chosen
+            counts["pairs with a truncated chosen"] += 1
+            return []
+        return [{"id": rid, "messages": pc, "chosen": c, "rejected": r} | cut]
     n = len(rec["responses"]) if isinstance(rec["responses"], list) else 0
     if n < 2:
         raise D.DataError(f"{where}: needs at least two responses to make a pair, got {n}")

@@ -623,9 +623,12 @@ def read_weights(model, path, rows):
     files = weight_files(path)
     for name, p in model.named_parameters():
         sl = rows(name, p.shape)
-        if name not in files:  # only the new score head can be missing (load_model checked)
+        if name == "score.weight" and name not in files:  # new_head (load_model checked)
             yield name, torch.zeros(p.shape)[sl]
             continue
+        if name not in files:  # e.g. a reward model (no lm_head) given where a policy goes
+            raise SystemExit(f"error: {path}: the checkpoint has no {name}"
+                             + (" (a reward model, not a policy?)" if name == "lm_head.weight" else ""))
         with safe_open(files[name], "pt") as f:
             yield name, f.get_slice(name)[sl]
 

@@ -4,7 +4,7 @@ The training loop that sft.py, train_rm.py and dpo.py share: distributed setup (
 (torch.distributed.checkpoint), export as an HF folder, and AdamWLowMem. A stage gives `fit` its
 micro-batches and a function that returns a micro-batch's summed loss; everything else is here.
 """
-import contextlib, dataclasses, json, math, os, random, time, warnings
+import contextlib, dataclasses, json, math, os, random, re, time, warnings
 from collections import namedtuple
 from dataclasses import dataclass, field
 # With this set, PyTorch's CPU allocator backs every tensor of 2 MB or more with transparent huge
@@ -164,9 +164,9 @@ def export(cfg, model, tok, template, extra=None, hint="chat with: python chat.p
         sd = {k: v.to(d.dtype) for k, v in sd.items()}
         M.save_checkpoint(cfg.out, sd, mcfg, tok, {"chat_template_name": template} | (extra or {}))
         print(f"saved {cfg.out} ({hint} {cfg.out})")
-        state = os.path.join(cfg.out, "state")
-        if os.path.exists(state) and not (cfg.keep_state or cfg.save_every):  # 2x the model's size
-            import shutil  # in optimizer moments, that nobody resumes from a finished run
+        state = os.path.join(cfg.out, "state")  # 2x the model's size in optimizer moments, which
+        if os.path.exists(state) and not (cfg.keep_state or cfg.save_every):  # nobody resumes
+            import shutil  # from a finished run: dropped once the export is on disk
             shutil.rmtree(state)
 
 def save_state(path, model, opt, step):
@@ -189,9 +189,11 @@ def save_state(path, model, opt, step):
     if rank == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         json.dump({"step": step, "world": world}, open(os.path.join(tmp, "step.json"), "w"))
-        if os.path.exists(path):
-            shutil.rmtree(path)
+        if os.path.exists(path):  # moved aside, not deleted, until the new state is in place:
+            shutil.rmtree(path + ".old", ignore_errors=True)  # a kill in between still leaves
+            os.replace(path, path + ".old")  # one to resume from
         os.rename(tmp, path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
 
@@ -319,9 +321,10 @@ def make_optimizer(cfg, model, rank):
 # -------------------------------------------------------------------------------------------------
 # The loop
 
-GPU_PEAK_TFLOPS = {  # dense bf16 tensor-core peaks from the vendor's data sheets; first match wins
-    "H100 PCIe": 756, "H100": 989, "H200": 989, "H800": 989, "GH200": 989, "B200": 2250,
-    "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "RTX 4090": 165,
+GPU_PEAK_TFLOPS = {  # dense bf16 tensor-core peaks from the vendor's data sheets; a name matches
+    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "H800": 989,  # as whole words,
+    "GH200": 989, "B200": 2250, "A100": 312, "A800": 312, "L40S": 362, "L40": 181,  # the first
+    "L4": 121, "RTX 4090": 165,  # wins: "H100 PCIe" before "H100", "L40" is not "L4" or "L40S"
 }
 
 def peak_tflops(cfg, device, dtype):
@@ -332,30 +335,34 @@ def peak_tflops(cfg, device, dtype):
         return cfg.peak_tflops
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+        return next((v for k, v in GPU_PEAK_TFLOPS.items()
+                     if re.search(rf"(?<!\w){re.escape(k)}(?!\w)", name)), None)
     return cpu_matmul_tflops(dtype)
 
-def cpu_matmul_tflops(dtype, n=1024):
-    """The best of a second of n x n matmuls in `dtype` with this process's threads: what a
-    training step's matmuls could reach here. Cached per CPU model, thread count and dtype."""
+def cpu_matmul_tflops(dtype, n=1024, seconds=0.5):
+    """The best rate of n x n matmuls in `dtype` with this process's threads over half a second:
+    what a training step's matmuls could reach here. Each run measures; a cache per CPU model,
+    thread count and dtype keeps the best ever seen, since a busy machine measures low."""
     lines = open("/proc/cpuinfo") if os.path.exists("/proc/cpuinfo") else []
     cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "cpu")
     key = f"{cpu}|{torch.get_num_threads()} threads|{dtype}"
-    cache_dir = os.path.expanduser(os.environ.get("XWIN_CACHE", "~/.cache/xwin"))
-    path = os.path.join(cache_dir, "peaks.json")
-    cache = json.load(open(path)) if os.path.exists(path) else {}
-    if key not in cache:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        best, t_end = 0.0, time.time() + 1.0
-        while time.time() < t_end:
-            t0 = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e12)
-        cache[key] = best
+    path = os.path.join(os.path.expanduser(os.environ.get("XWIN_CACHE", "~/.cache/xwin")),
+                        "peaks.json")
+    a, b = torch.ones(n, n, dtype=dtype), torch.ones(n, n, dtype=dtype)  # no RNG draw
+    best, t_end = 0.0, time.time() + seconds
+    while time.time() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e12)
+    try:
+        cache = json.load(open(path)) if os.path.exists(path) else {}
+        cache[key] = max(best, cache.get(key, 0.0))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         json.dump(cache, open(path + f".tmp{os.getpid()}", "w"), indent=1)
         os.replace(path + f".tmp{os.getpid()}", path)
+    except (OSError, ValueError):  # a read-only home, a torn file: this run's figure will do
+        cache = {key: best}
     return cache[key]
 
 def release_heap():
@@ -423,8 +430,10 @@ def fit(cfg, model, plan, step_fn, eval_fn, d):
     opt = make_optimizer(cfg, model, d.rank)
     state_dir, log_path = os.path.join(cfg.out, "state"), os.path.join(cfg.out, "log.jsonl")
     start = 0
-    if cfg.resume and os.path.exists(os.path.join(state_dir, "step.json")):
-        start = load_state(state_dir, model, opt)
+    saved = [s for s in (state_dir, state_dir + ".old")  # .old: killed mid-swap in save_state
+             if os.path.exists(os.path.join(s, "step.json"))]
+    if cfg.resume and saved:
+        start = load_state(saved[0], model, opt)
     elif cfg.resume:
         print0(f"--resume: no state in {state_dir}, starting fresh")
     records = resume_log(cfg, log_path, start, d.rank)
@@ -466,9 +475,8 @@ def fit(cfg, model, plan, step_fn, eval_fn, d):
             records.append(rec)
             write_log(bar, log_path, rec, d.rank)
             t0, acc = time.time(), {}
-        periodic = cfg.save_every and (step + 1) % cfg.save_every == 0
-        if periodic or (last and (cfg.keep_state or cfg.save_every)):  # resumable state
-            save_state(state_dir, model, opt, step + 1)
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0) or last:  # resumable state
+            save_state(state_dir, model, opt, step + 1)  # (the last is dropped after the export)
     return records
 
 def write_log(bar, log_path, rec, rank):

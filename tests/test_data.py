@@ -130,3 +130,33 @@ def test_unfinished_reply_has_no_eos(sp_tokenizer):
     done, mask = D.render(sp_tokenizer, conv, "vicuna")
     cut, cmask = D.render(sp_tokenizer, conv, "vicuna", closed=False)
     assert done[-1] == sp_tokenizer.eos_token_id and cut == done[:-1] and cmask == mask[:-1]
+
+@pytest.mark.parametrize("content", ["a{}b", "say {} now", "{}", "x {}{} y"])
+@pytest.mark.parametrize("fixture,template,literal", [("sp_tokenizer", "vicuna", "</s>"),
+                                                      ("bpe_tokenizer", "chatml", "<|im_end|>")])
+def test_special_token_text_decodes_exactly(request, fixture, template, literal, content):
+    """The spelled-out literal adds nothing: the ids decode to the template's text, character for
+    character (SentencePiece would put a space before a literal encoded on its own)."""
+    tok = request.getfixturevalue(fixture)
+    text = content.format(*[literal] * content.count("{}"))
+    conv = [{"role": "user", "content": text}, {"role": "assistant", "content": text}]
+    ids, _ = D.render(tok, conv, template)
+    tok.chat_template = D.JINJA[template]
+    expected = tok.apply_chat_template(conv, tokenize=False)
+    got = tok.decode(ids, skip_special_tokens=False)
+    if template == "vicuna":  # BOS is an id of its own; SentencePiece decodes the text after it
+        expected, got = expected.replace("<s>", "", 1), got.replace("<s>", "", 1).lstrip()
+    else:
+        expected = expected[:-1]  # the "\n" after the last <|im_end|> is not trained on
+    assert got == expected
+
+def test_truncate_torn_needs_the_newline(tmp_path):
+    """A last record that parses but lacks its newline is torn too: the next append would be glued
+    onto it (and the resume after that would lose both)."""
+    p = tmp_path / "o.jsonl"
+    p.write_text('{"id": "a"}\n{"id": "b"}')
+    assert D.truncate_torn(str(p)) == {"a"} and p.read_text() == '{"id": "a"}\n'
+    D.append_jsonl(str(p), [{"id": "b"}, {"id": "c"}])
+    assert D.truncate_torn(str(p)) == {"a", "b", "c"}
+    p.write_bytes(b'{"id": "a"}\r\n{"id": "b"}\r\n{"id"')  # CRLF: byte offsets, not text ones
+    assert D.truncate_torn(str(p)) == {"a", "b"} and p.read_bytes() == b'{"id": "a"}\r\n{"id": "b"}\r\n'

@@ -280,3 +280,17 @@ def test_truncated_rejected_is_scored_without_eos(tiny_vicuna):
     eos = D.eos_id(tok, template)
     assert ex.chosen_ids[-1] == eos and ex.rejected_ids[-1] != eos
     assert [t for t in ex.rejected_targets if t >= 0][-1] == ex.rejected_ids[-1]
+
+def test_pairs_file_keeps_truncation(tmp_path):
+    """OUT/pairs.jsonl fed back as --data keeps the truncation flags: the truncated rejected is still
+    scored without EOS, and a truncated chosen is still refused without --allow-truncated."""
+    cfg = dpo.Config(data=["x"])
+    msgs = [{"role": "user", "content": "hi"}]
+    rec = {"id": "p", "messages": msgs, "chosen": "a", "rejected": "b", "chosen_truncated": False,
+           "rejected_truncated": True}
+    counts = __import__("collections").Counter()
+    (pair,) = dpo.record_pairs(rec, "f:1", cfg, counts)
+    assert pair["rejected_truncated"] and not pair["chosen_truncated"]
+    assert dpo.record_pairs(dict(rec, chosen_truncated=True), "f:2", cfg, counts) == [] and counts
+    cfg.allow_truncated = True
+    assert len(dpo.record_pairs(dict(rec, chosen_truncated=True), "f:3", cfg, counts)) == 1

@@ -197,3 +197,17 @@ def test_gguf_conversion_runs_once_under_concurrency(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(set(outs)) == 1 and os.path.exists(os.path.join(outs[0], "config.json"))
+
+def test_missing_weight_is_an_error(tmp_path, sp_tokenizer):
+    """A reward model (no lm_head) where a policy goes, or a checkpoint missing a layer, stops with
+    the folder named; only RM training's new score head starts at zero."""
+    rm = make_checkpoint(tmp_path / "rm", sp_tokenizer, "vicuna", reward=True)
+    with pytest.raises(SystemExit, match=r"rm: the checkpoint has no lm_head.weight"):
+        M.load_model(rm, reward=False)
+    from safetensors.torch import load_file, save_file
+    pol = make_checkpoint(tmp_path / "pol", sp_tokenizer, "vicuna")
+    sd = load_file(os.path.join(pol, "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, os.path.join(pol, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=r"has no model.layers.1.mlp.up_proj.weight"):
+        M.load_model(pol)

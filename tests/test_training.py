@@ -170,3 +170,28 @@ def test_single_process_is_quiet_and_drops_its_state(tmp_path, tiny_vicuna):
     assert (tmp_path / "b" / "model.safetensors").exists() and not (tmp_path / "b" / "state").exists()
     run_script(*common, "--out", str(tmp_path / "c"), "--keep-state")
     assert json.load(open(tmp_path / "c" / "state" / "step.json"))["step"] == 2
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+                                       ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+                                       ("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("NVIDIA L4", 121),
+                                       ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce GTX 1080", None)])
+def test_gpu_peaks(monkeypatch, name, peak):
+    """MFU's peak from the GPU's name: whole-word matches, the specific before the general; a GPU not
+    in the table gives None (MFU logged as unknown), not another GPU's figure."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert T.peak_tflops(T.TrainConfig(), torch.device("cuda"), torch.bfloat16) == peak
+
+def test_failed_export_resumes_without_retraining(tmp_path, tiny_vicuna):
+    """The last step's state stays on disk until the export is written: an export that fails (at
+    70B the gather is the step most likely to) is redone by --resume without training again."""
+    sft_data, _ = stage_data(tmp_path)
+    out = tmp_path / "o"
+    (out / "model.safetensors").mkdir(parents=True)  # the export cannot write its weights there
+    common = ["sft.py", "--model", tiny_vicuna, "--data", sft_data, "--max-steps", "2",
+              "--batch-tokens", "1024", "--out", str(out)]
+    assert run_script(*common, check=False).returncode != 0
+    first = open(out / "log.jsonl").read()
+    (out / "model.safetensors").rmdir()
+    run_script(*common, "--resume")
+    assert open(out / "log.jsonl").read() == first  # no step was run again
+    assert (out / "model.safetensors").is_file() and not (out / "state").exists()
