@@ -130,7 +130,7 @@ def record_pairs(rec, where, cfg, counts):
         if c == r:
             raise D.DataError(f"{where}: chosen and rejected are identical")
         cut = {f"{k}_truncated": bool(rec.get(f"{k}_truncated")) for k in ("chosen", "rejected")}
-        if cut["chosen_truncated"] and not cfg.allow_truncated:  # as from an Xwin-Set: never chosen
+        if cut["chosen_truncated"] and not cfg.allow_truncated:  # as from an Xwin-Set
             counts["pairs with a truncated chosen"] += 1
             return []
         return [{"id": rid, "messages": pc, "chosen": c, "rejected": r} | cut]

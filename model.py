@@ -627,8 +627,8 @@ def read_weights(model, path, rows):
             yield name, torch.zeros(p.shape)[sl]
             continue
         if name not in files:  # e.g. a reward model (no lm_head) given where a policy goes
-            raise SystemExit(f"error: {path}: the checkpoint has no {name}"
-                             + (" (a reward model, not a policy?)" if name == "lm_head.weight" else ""))
+            hint = " (a reward model, not a policy?)" if name == "lm_head.weight" else ""
+            raise SystemExit(f"error: {path}: the checkpoint has no {name}{hint}")
         with safe_open(files[name], "pt") as f:
             yield name, f.get_slice(name)[sl]
 

@@ -238,8 +238,8 @@ def run(argv=None):
         raise SystemExit("error: --engine vllm runs as one process (vLLM parallelizes itself)")
     sample_fn, tok, template, mcfg = load_engine(cfg, device, dtype)
     if cfg.reward_model:
-        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device=device, dtype=dtype,
-                                               reward=True)
+        # fp32 whatever the policy's dtype: bf16 rewards tie and reorder close candidates among 64
+        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device, torch.float32, reward=True)
         rm_template = D.get_template(rm_template, cfg.template)
     items = []
     for where, rid, messages in todo:

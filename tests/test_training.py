@@ -84,7 +84,8 @@ def test_stages_through_flash_path(tmp_path, tiny_vicuna, stage, dtype):
     out, log = tmp_path / "out", tmp_path / "flash.log"
     args = [stage, "--model", tiny_vicuna, "--data", sft_data if stage == "sft.py" else pairs,
             "--out", str(out), "--max-steps", "2", "--batch-tokens", "1024", "--eval-frac", "0.2",
-            "--dtype", dtype, "--device", "cpu"] + (["--act-ckpt"] if dtype == "bfloat16" else [])
+            "--dtype", dtype, "--device", "cpu"]
+    args += ["--act-ckpt", "--export-dtype", "bfloat16"] if dtype == "bfloat16" else []
     env = {"PYTHONPATH": STUB, "FLASH_STUB_LOG": str(log)}
     run_script(*args, env=env)
     calls = open(log).read().split() if log.exists() else []
@@ -195,3 +196,18 @@ def test_failed_export_resumes_without_retraining(tmp_path, tiny_vicuna):
     run_script(*common, "--resume")
     assert open(out / "log.jsonl").read() == first  # no step was run again
     assert (out / "model.safetensors").is_file() and not (out / "state").exists()
+
+def test_export_keeps_small_updates(tmp_path, tiny_vicuna):
+    """Found by the gold-judge experiment: a DPO-sized update (lr 1e-6, one step) is below half a
+    bf16 step of most weights, so a bf16 export gave back the starting model. The fp32 export keeps
+    it; --export-dtype bfloat16 is there for smaller files."""
+    sft_data, _ = stage_data(tmp_path)
+    common = ["sft.py", "--model", tiny_vicuna, "--data", sft_data, "--max-steps", "1",
+              "--batch-tokens", "1024", "--lr", "1e-6", "--dtype", "bfloat16"]
+    run_script(*common, "--out", str(tmp_path / "f32"))
+    run_script(*common, "--out", str(tmp_path / "b16"), "--export-dtype", "bfloat16")
+    base = M.load_state_dict(tiny_vicuna)
+    f32, b16 = M.load_state_dict(str(tmp_path / "f32")), M.load_state_dict(str(tmp_path / "b16"))
+    moved = lambda sd, dtype: sum(int((sd[k] != base[k].to(dtype)).sum()) for k in base)
+    assert next(iter(f32.values())).dtype == torch.float32 and next(iter(b16.values())).dtype == \
+        torch.bfloat16 and moved(f32, torch.float32) > 10 * moved(b16, torch.bfloat16)
