@@ -1,0 +1,208 @@
+"""The recipe experiment (experiments/): the gold checker on hand-written cases for every
+instruction, the gold judge endpoint through the openai client and annotate.py's own parser (both
+orders, ties), prompt splits, and the --quick chain end to end (tiny random model, no network)."""
+
+import json, os, subprocess, sys
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import gold  # noqa: E402
+
+# name -> (param, responses that meet it, responses that do not)
+CASES = {
+    "include": (
+        "banana",
+        ["I like a Banana split.", "banana"],
+        ["Bananas are yellow.", "No fruit here."],
+    ),
+    "no_commas": (None, ["Cats sleep a lot. They purr."], ["Cats, dogs and birds.", ""]),
+    "start": (
+        "Yes",
+        ["Yes, the moon is bright.", "yes it is", '  "Yes" indeed'],
+        ["Yesterday it rained.", "Well, yes."],
+    ),
+    "three_bullets": (
+        None,
+        ["- one\n- two\n- three", "Intro:\n* a\n* b\n- c\nBye."],
+        ["- one\n- two", "- a\n- b\n- c\n- d", "1. a\n2. b\n3. c"],
+    ),
+    "max_words": ("20", ["Short and sweet.", " ".join(["w"] * 19)], [" ".join(["w"] * 20), ""]),
+    "no_the": (
+        None,
+        ["Cats purr when happy.", "There they go."],
+        ["The cat sat.", "Look at THE sun."],
+    ),
+    "end_question": (
+        None,
+        ["Do you like tea?", "Tea is nice. Want some?  \n"],
+        ["Tea is nice.", "Why? Because."],
+    ),
+    "number": (None, ["There are 3 cats.", "In 1999 it snowed."], ["There are three cats."]),
+    "exclaim": (None, ["Wow!", "It is great! Really."], ["It is great.", ""]),
+}
+
+
+def test_every_instruction_has_cases():
+    assert set(CASES) == set(gold.INSTRUCTIONS)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_checker(name):
+    param, good, bad = CASES[name]
+    for text in good:
+        assert gold.check(text, [(name, param)]) == [True], (name, text)
+    for text in bad:
+        assert gold.check(text, [(name, param)]) == [False], (name, text)
+
+
+def test_score_and_prompt_parsing():
+    prompt = (
+        "Describe cats briefly. "
+        + gold.render("include", "river")
+        + " "
+        + gold.render("max_words", "20")
+        + " "
+        + gold.render("no_commas", None)
+    )
+    assert sorted(gold.find_instructions(prompt)) == [
+        ("include", "river"),
+        ("max_words", "20"),
+        ("no_commas", None),
+    ]
+    assert gold.score_prompt(prompt, "Cats swim in a river.") == (1.0, True)
+    assert gold.score_prompt(prompt, "Cats, by the river.") == (pytest.approx(2 / 3), False)
+    assert gold.score_prompt(prompt, "Cats, dogs.") == (pytest.approx(1 / 3), False)
+    assert gold.score_prompt("Describe cats.", "Cats.") == (0.0, False)  # nothing to check
+
+
+def test_splits_are_seeded_and_heldout_tasks_unseen():
+    train, held = gold.make_splits(3, 120, 30)
+    again = gold.make_splits(3, 120, 30)
+    assert (train, held) == again
+    assert not {p["task"] for p in train} & {p["task"] for p in held}
+    for p in train + held:
+        found = gold.find_instructions(p["messages"][-1]["content"])
+        assert [list(f) for f in found] == p["instructions"] and 1 <= len(found) <= 3
+
+
+# -------------------------------------------------------------------------------------------------
+# The judge endpoint, through the openai client, read by annotate.py's own parser
+
+
+@pytest.fixture(scope="module")
+def judge_url():
+    server = gold.serve(0)
+    yield f"http://127.0.0.1:{server.server_port}/v1"
+    server.shutdown()
+
+
+def ask(url, messages):
+    import openai
+
+    client = openai.OpenAI(api_key="gold", base_url=url, max_retries=0)
+    return (
+        client.chat.completions.create(model="gold", messages=messages, temperature=0)
+        .choices[0]
+        .message.content
+    )
+
+
+def test_judge_verdicts_parse_in_both_orders(judge_url):
+    sys.path.insert(0, ROOT)
+    from annotate import (
+        judge_messages,
+        parse_verdict,
+        JUDGE_PROMPT,
+    )  # noqa: F401 (the public names we rely on)
+
+    conv = [
+        {
+            "role": "user",
+            "content": "Tell me about owls. "
+            + gold.render("include", "winter")
+            + " "
+            + gold.render("exclaim", None),
+        }
+    ]
+    both, one, none = "Owls hunt in winter!", "Owls hunt in winter.", "Owls hunt at night."
+    # +3 when the first shown reply meets both and the other none; +2 for a gap of one of two; tie
+    # on equals
+    for a, b, expect in [
+        (both, none, 3),
+        (none, both, -3),
+        (both, one, 2),
+        (one, both, -2),
+        (one, one + " ", 0),
+        (none, "Owls sleep.", 0),
+    ]:
+        reply = ask(judge_url, judge_messages(conv, a, b))
+        assert parse_verdict(reply) == expect, (a, b, reply)
+        assert len(reply.splitlines()) == 2  # one line of reasoning, then the verdict line
+    # the last user turn of a multi-turn conversation carries the instructions
+    multi = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+    ] + conv
+    assert parse_verdict(ask(judge_url, judge_messages(multi, none, both))) == -3
+    # three instructions: a gap of one is "slightly"
+    conv3 = [{"role": "user", "content": conv[0]["content"] + " " + gold.render("no_the", None)}]
+    assert (
+        parse_verdict(ask(judge_url, judge_messages(conv3, both, "The owls hunt in winter!"))) == 1
+    )
+
+
+def test_judge_rejects_other_prompts(judge_url):
+    import openai
+
+    with pytest.raises(openai.BadRequestError):
+        ask(judge_url, [{"role": "user", "content": "hello"}])
+
+
+# -------------------------------------------------------------------------------------------------
+# The --quick chain, end to end through the stage scripts' command lines
+
+
+def test_quick_chain(tmp_path):
+    out = tmp_path / "quick"
+    env = dict(
+        os.environ, XWIN_CACHE=os.environ.get("XWIN_CACHE", os.path.expanduser("~/.cache/xwin"))
+    )
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments", "recipe.py"),
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "$ (cd " in p.stdout and "python train_rm.py" in p.stdout  # the commands are printed
+    res = json.load(open(out / "results.json"))
+    assert set(res["policies"]) == {"start", "rs", "dpo"}
+    assert [r["n"] for r in res["best_of_n"]] == [1, 2, 4, 8]
+    assert all(w is not None for w in res["win_rates"].values())
+    assert (out / "best_of_n.png").stat().st_size > 0 and (out / "results.md").exists()
+    # a rerun skips every stage
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "experiments", "recipe.py"),
+            "--quick",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert p.returncode == 0 and "$ (cd" not in p.stdout and "done already" in p.stdout
