@@ -65,7 +65,7 @@ def child(cfg):
     total, out = min(runs, key=lambda r: r[0])
     assert len(out) == cfg.max_new_tokens, len(out)
     print(json.dumps({"side": cfg.child, "dtype": cfg.dtype, "prompt_tokens": n_prompt, "new_tokens": len(out),
-                      "first_token_s": first, "decode_tok_s": (len(out) - 1) / max(total - first, 1e-9),
+                      "first_token_s": first, "decode_tok_s": (len(out) - 1) / (total - first) if len(out) > 1 and total > first else float("nan"),
                       "overall_tok_s": len(out) / total, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                       "threads": torch.get_num_threads(), "text": decode(out)[:80]}))
 
