@@ -4,7 +4,7 @@ conversations (ours or ShareGPT's), the chat templates that render a conversatio
 a loss mask, packing and token-budget batches, resume helpers, and the dataclass -> command-line
 config. No torch at import time: annotate.py, an HTTP client, loads this file alone.
 """
-import argparse, dataclasses, inspect, json, math, os, random, re, sys
+import argparse, dataclasses, functools, inspect, json, math, os, random, re, sys
 
 class DataError(ValueError):
     """Bad input: the message starts with 'file:line:'; run_main prints it without a traceback."""
@@ -280,9 +280,12 @@ def render(tok, messages, template, prompt=False, closed=True):
 
 def special_pattern(tok):
     """A regex splitting text at the tokenizer's special and added tokens' strings (kept as
-    groups), or None when it has none."""
+    groups), or None when it has none. Cached by the names: a token added later is seen."""
     names = set(tok.all_special_tokens) | {a.content for a in tok.added_tokens_decoder.values()}
-    names = sorted((n for n in names if n), key=len, reverse=True)
+    return compile_split(tuple(sorted((n for n in names if n), key=len, reverse=True)))
+
+@functools.lru_cache(maxsize=16)  # compiled once per vocabulary, not once per conversation
+def compile_split(names):
     return re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
 def show_mask(tok, ids, mask):

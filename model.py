@@ -557,13 +557,18 @@ def _convert(path, out):
     hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     cfg = LlamaConfig.from_hf(hf.config.to_dict())
     tmp = f"{out}.tmp{os.getpid()}"  # written aside and renamed: a kill leaves no half folder
-    save_checkpoint(tmp, hf.state_dict(), cfg, tok, {"chat_template_name": guess_template(tok)})
+    save_checkpoint(tmp, hf.state_dict(), cfg, tok, {"chat_template_name": checkpoint_template(None, tok)})
     shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older version
     os.replace(tmp, out)
 
-def guess_template(tok):
-    """The chat format of a checkpoint that does not name one: ChatML if its tokenizer's Jinja
-    template speaks it, else Vicuna (Llama-2 finetunes, the paper's)."""
+def checkpoint_template(path, tok):
+    """The chat format of the checkpoint at `path` (an HF folder, or None): the chat_template_name
+    its config.json names, else ChatML if its tokenizer's Jinja speaks it, else Vicuna (Llama-2's)."""
+    config = os.path.join(path, "config.json") if path else None
+    saved = json.load(open(config)).get("chat_template_name") if config and \
+        os.path.exists(config) else None
+    if saved in ("vicuna", "chatml"):  # data.TEMPLATES
+        return saved
     return "chatml" if "<|im_start|>" in (getattr(tok, "chat_template", None) or "") else "vicuna"
 
 def weight_files(path):
@@ -610,8 +615,7 @@ def load_model(path, device="cpu", dtype=torch.float32, reward=None, meta=False,
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.unk_token or tok.eos_token
-    saved = cfg_d.get("chat_template_name")
-    template = saved if saved in ("vicuna", "chatml") else guess_template(tok)  # data.TEMPLATES
+    template = checkpoint_template(path, tok)
     return (model, tok, template, path) if meta else (model, tok, template)
 
 def read_weights(model, path, rows):

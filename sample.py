@@ -191,7 +191,7 @@ def load_engine(cfg, device, dtype):
         hf_path = M.resolve(path)
         tok = AutoTokenizer.from_pretrained(hf_path)
         hf_cfg = json.load(open(os.path.join(hf_path, "config.json")))
-        saved = hf_cfg.get("chat_template_name") or M.guess_template(tok)  # as model.load_model
+        saved = M.checkpoint_template(hf_path, tok)
         mcfg = M.LlamaConfig.from_hf(hf_cfg)
         llm = LLM(model=hf_path, dtype=str(dtype).removeprefix("torch."), seed=cfg.seed)
     template = D.get_template(saved, cfg.template)

@@ -67,8 +67,10 @@ def setup_dist(cfg):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return Dist(rank, world, device, dtype)
+    return Dist(*rank_world(), device, dtype)
+
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 def print0(*args, **kw):
     if int(os.environ.get("RANK", 0)) == 0:
@@ -180,7 +182,7 @@ def save_state(path, model, opt, step):
     writes its own shards, so nothing is gathered on rank 0. Written aside, then renamed."""
     import shutil, torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, world = rank_world()
     tmp = path + ".tmp"
     if rank == 0 and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -193,7 +195,6 @@ def save_state(path, model, opt, step):
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
         json.dump({"step": step, "world": world}, open(os.path.join(tmp, "step.json"), "w"))
         if os.path.exists(path):  # moved aside, not deleted, until the new state is in place:
             shutil.rmtree(path + ".old", ignore_errors=True)  # a kill in between still leaves
@@ -207,7 +208,7 @@ def load_state(path, model, opt):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     saved = json.load(open(os.path.join(path, "step.json")))
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = rank_world()
     if saved.get("world", world) != world:  # each rank's micro-batches and RNG depend on it
         raise SystemExit(f"error: {path} was saved by {saved['world']} processes, this run has "
                          f"{world}: --resume needs the same world size (or start afresh "
@@ -217,7 +218,6 @@ def load_state(path, model, opt):
     with single_process_quiet():
         dcp.load(sd, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
     rng = torch.load(os.path.join(path, f"rng{rank}.pt"), weights_only=False)
     torch.set_rng_state(rng["cpu"])
     random.setstate(rng["py"])
@@ -328,7 +328,8 @@ def make_optimizer(cfg, model, rank):
 # The loop
 
 GPU_PEAK_TFLOPS = {  # dense bf16 tensor-core peaks from the vendor's data sheets; a name matches
-    "H100 PCIe": 756, "H100 NVL": 835, "H100": 989, "H200": 989, "H800": 989,  # as whole words,
+    "H100 PCIe": 756, "H100 NVL": 835, "H200 NVL": 835, "H800 PCIe": 756,  # as whole words,
+    "H100": 989, "H200": 989, "H800": 989,
     "GH200": 989, "B200": 2250, "A100": 312, "A800": 312, "L40S": 362, "L40": 181,  # the first
     "L4": 121, "RTX 4090": 165,  # wins: "H100 PCIe" before "H100", "L40" is not "L4" or "L40S"
 }

@@ -42,8 +42,7 @@ def time_hf(cfg, dtype):
     path = M.resolve(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
     tok = AutoTokenizer.from_pretrained(path)
-    saved = json.load(open(os.path.join(path, "config.json"))).get("chat_template_name")
-    template = D.get_template(saved or M.guess_template(tok))
+    template = M.checkpoint_template(path, tok)
     ids = torch.tensor([D.render(tok, [{"role": "user", "content": cfg.prompt}], template, prompt=True)[0]])
 
     @torch.no_grad()

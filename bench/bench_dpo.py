@@ -157,7 +157,7 @@ def main():
     from transformers import AutoTokenizer
     path = M.resolve(cfg.model)
     tok = AutoTokenizer.from_pretrained(path)
-    template = json.load(open(os.path.join(path, "config.json"))).get("chat_template_name") or M.guess_template(tok)
+    template = M.checkpoint_template(path, tok)
     pairs = synth(cfg, tok, template)
     os.makedirs(cfg.out, exist_ok=True)
     data = os.path.join(cfg.out, "data.jsonl")

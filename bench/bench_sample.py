@@ -117,7 +117,7 @@ def child(cfg):
     model_cfg = json.load(open(os.path.join(path, "config.json")))
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(path)
-    template = D.get_template(model_cfg.get("chat_template_name") or M.guess_template(tok))
+    template = M.checkpoint_template(path, tok)
     prompts = [D.render(tok, c, template, prompt=True)[0] for c in conversations(cfg.prompts)]
     eos = D.stop_ids(tok, template, model_cfg["eos_token_id"])
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
@@ -138,8 +138,7 @@ def main():
     from transformers import AutoTokenizer
     path = M.resolve(cfg.model)
     tok = AutoTokenizer.from_pretrained(path)
-    saved = json.load(open(os.path.join(path, "config.json"))).get("chat_template_name")
-    template = D.get_template(saved or M.guess_template(tok))
+    template = M.checkpoint_template(path, tok)
     lens = [len(D.render(tok, c, template, prompt=True)[0]) for c in conversations(cfg.prompts)]
     print(f"{len(lens)} prompts of {min(lens)}-{max(lens)} tokens (mean {sum(lens) / len(lens):.0f}); "
           f"max {cfg.max_new_tokens} new tokens, temperature {cfg.temperature}, top-p {cfg.top_p}, {cfg.dtype}; "

@@ -51,12 +51,6 @@ WORDS = ("the of and to in is that for it as with was on be by this are or at fr
          "large fast slow always never often usually history science music river mountain city "
          "country language world people time year day night").split()
 
-def template_of(tok, path):
-    """The checkpoint's chat template name, as model.load_model reads it, without its weights."""
-    config = os.path.join(path, "config.json")
-    name = json.load(open(config)).get("chat_template_name") if os.path.exists(config) else None
-    return D.get_template(name if name in D.TEMPLATES else M.guess_template(tok))
-
 def synth(cfg, tok, template):
     """Multi-turn conversations of random words whose rendered lengths spread over [min, max]
     tokens."""
@@ -114,7 +108,7 @@ def run_trl(cfg, data, out):
     from trl import SFTConfig, SFTTrainer
     path = M.resolve(cfg.model)
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    template = template_of(tok, path)
+    template = M.checkpoint_template(path, tok)
     rows = []  # the ids and assistant masks of ours: TRL builds its labels from assistant_masks
     for where, rec in D.read_jsonl(data):
         ids, mask = D.render(tok, D.get_messages(rec, where), template)
@@ -181,7 +175,7 @@ def main():
     from transformers import AutoTokenizer
     path = M.resolve(cfg.model)
     tok = AutoTokenizer.from_pretrained(path)
-    template = template_of(tok, path)
+    template = M.checkpoint_template(path, tok)
     convs = synth(cfg, tok, template)
     os.makedirs(cfg.out, exist_ok=True)
     data = os.path.join(cfg.out, "data.jsonl")

@@ -379,34 +379,17 @@ def chain(cfg, r):
         "--dtype",
         cfg.eval_dtype,
     ]
+    def dpo_args(pairs, out):  # DPO from the RS model on the Xwin-Set; variants change --pairs
+        return ["dpo.py", "--model", P("rs"), "--data", P("xwin_set.jsonl"), "--pairs", pairs,
+                "--pairs-per-prompt", cfg.dpo_pairs_per_prompt, "--beta", cfg.dpo_beta,
+                "--out", P(out), "--lr", cfg.dpo_lr, "--epochs", cfg.dpo_epochs,
+                "--batch-tokens", cfg.dpo_batch_tokens, *common, "--dtype", cfg.dpo_dtype]
+
     r.run(
         [
             (
                 "dpo",
-                [
-                    "dpo.py",
-                    "--model",
-                    P("rs"),
-                    "--data",
-                    P("xwin_set.jsonl"),
-                    "--pairs",
-                    cfg.dpo_pairs,
-                    "--pairs-per-prompt",
-                    cfg.dpo_pairs_per_prompt,
-                    "--beta",
-                    cfg.dpo_beta,
-                    "--out",
-                    P("dpo"),
-                    "--lr",
-                    cfg.dpo_lr,
-                    "--epochs",
-                    cfg.dpo_epochs,
-                    "--batch-tokens",
-                    cfg.dpo_batch_tokens,
-                    *common,
-                    "--dtype",
-                    cfg.dpo_dtype,
-                ],
+                dpo_args(cfg.dpo_pairs, "dpo"),
             ),
             (
                 "heldout_rs",
@@ -430,30 +413,7 @@ def chain(cfg, r):
             [
                 (
                     name,
-                    [
-                        "dpo.py",
-                        "--model",
-                        P("rs"),
-                        "--data",
-                        P("xwin_set.jsonl"),
-                        "--pairs",
-                        v,
-                        "--pairs-per-prompt",
-                        cfg.dpo_pairs_per_prompt,
-                        "--beta",
-                        cfg.dpo_beta,
-                        "--out",
-                        P(name),
-                        "--lr",
-                        cfg.dpo_lr,
-                        "--epochs",
-                        cfg.dpo_epochs,
-                        "--batch-tokens",
-                        cfg.dpo_batch_tokens,
-                        *common,
-                        "--dtype",
-                        cfg.dpo_dtype,
-                    ],
+                    dpo_args(v, name),
                 )
             ]
         )

@@ -160,3 +160,17 @@ def test_truncate_torn_needs_the_newline(tmp_path):
     assert D.truncate_torn(str(p)) == {"a", "b", "c"}
     p.write_bytes(b'{"id": "a"}\r\n{"id": "b"}\r\n{"id"')  # CRLF: byte offsets, not text ones
     assert D.truncate_torn(str(p)) == {"a", "b"} and p.read_bytes() == b'{"id": "a"}\r\n{"id": "b"}\r\n'
+
+def test_special_token_added_later_is_text(bpe_tokenizer):
+    """The split pattern is cached by the tokenizer's token names, not by the tokenizer: a special
+    token added after a first render is still spelled as text when a user writes it."""
+    from transformers import AutoTokenizer
+    import tempfile
+    d = tempfile.mkdtemp()
+    bpe_tokenizer.save_pretrained(d)
+    tok = AutoTokenizer.from_pretrained(d)
+    msgs = [{"role": "user", "content": "hi <|tool|> there"}]
+    D.render(tok, msgs, "chatml", prompt=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    tool = tok.convert_tokens_to_ids("<|tool|>")
+    assert tool not in D.render(tok, msgs, "chatml", prompt=True)[0]

@@ -173,7 +173,7 @@ def test_single_process_is_quiet_and_drops_its_state(tmp_path, tiny_vicuna):
     assert json.load(open(tmp_path / "c" / "state" / "step.json"))["step"] == 2
 
 @pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
-                                       ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989),
+                                       ("NVIDIA H100 NVL", 835), ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835), ("NVIDIA H800 PCIe", 756),
                                        ("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("NVIDIA L4", 121),
                                        ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA GeForce GTX 1080", None)])
 def test_gpu_peaks(monkeypatch, name, peak):
