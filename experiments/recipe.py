@@ -10,8 +10,8 @@ model) -> sample.py --n 64 --reward-model (Xwin-Set, train prompts) -> rejection
 (from the RS model, pairs from the Xwin-Set) -> sample.py on the held-out prompts for start, RS and
 DPO -> annotate.py --a/--b --report (win rates). A stage whose marker OUT/done/STAGE exists is
 skipped, so a rerun resumes (sample.py and annotate.py also resume inside a stage). Independent
-stages run side by side (one thread each with --threads 1), so two cores are used even when one
-stage cannot use both. Outputs: OUT/results.json, OUT/results.md, OUT/best_of_n.png,
+stages run side by side, the cores split among them (--threads 0), so two cores are used even where
+one stage cannot use both, and a stage that runs alone gets both. Outputs: OUT/results.json, OUT/results.md, OUT/best_of_n.png,
 OUT/logs/*.log, OUT/timings.json. Only stdlib, numpy, matplotlib and transformers (for the --quick
 model) are imported here.
 """
@@ -63,7 +63,9 @@ class Config:
     max_len: int = 512
     # training stages: fp32 master weights, bf16 autocast (2x on avx512_bf16)
     train_dtype: str = "bfloat16"
-    threads: int = 0  # OMP_NUM_THREADS for each stage process (0: torch's default)
+    # OMP_NUM_THREADS for each stage process (0: the cores split among the stages running side
+    # by side, so a stage that runs alone, like train_rm.py, gets them all)
+    threads: int = 0
     max_steps: int = 0  # cap every training stage (the --quick default: 2)
     bootstrap: int = 4000  # bootstrap resamples
 
@@ -99,8 +101,6 @@ class Runner:
         self.tpath = os.path.join(self.out, "timings.json")
         self.timings = json.load(open(self.tpath)) if os.path.exists(self.tpath) else {}
         self.env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OPENAI_API_KEY="gold")
-        if cfg.threads:
-            self.env["OMP_NUM_THREADS"] = str(cfg.threads)
 
     def p(self, *parts):
         return os.path.join(self.out, *parts)
@@ -108,12 +108,14 @@ class Runner:
     def done(self, name):
         return os.path.exists(self.p("done", name))
 
-    def start(self, name, args):
+    def start(self, name, args, side_by_side=1):
         cmd = [sys.executable] + [str(a) for a in args]
+        threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // side_by_side)
         print(f"[{name}] $ (cd {self.cfg.scripts} && python {' '.join(cmd[1:])})", flush=True)
         log = open(self.p("logs", f"{name}.log"), "w")
         return subprocess.Popen(
-            cmd, cwd=self.cfg.scripts, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            cmd, cwd=self.cfg.scripts, stdout=log, stderr=subprocess.STDOUT,
+            env=dict(self.env, OMP_NUM_THREADS=str(threads)),
         )
 
     def run(self, stages):
@@ -122,7 +124,7 @@ class Runner:
         for n, _ in stages:
             if self.done(n):
                 print(f"[{n}] done already ({self.timings.get(n, float('nan')):.0f}s)", flush=True)
-        t0, procs = time.time(), {n: self.start(n, a) for n, a in todo}
+        t0, procs = time.time(), {n: self.start(n, a, len(todo)) for n, a in todo}
         running = dict(procs)
         while running:  # poll, so each side-by-side stage gets its own wall time
             time.sleep(0.2)
