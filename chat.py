@@ -36,7 +36,8 @@ class ChatConfig:
     port: int = 8000  # --serve: port (0: any free port, printed at start)
     max_n: int = 16  # --serve: largest n (completions per request) accepted
     max_batch: int = 16  # --serve: most sequences decoded together (a request of n counts n)
-    batch_window_ms: float = 5.0  # --serve: how long the oldest queued request waits for others
+    batch_window_ms: float = 5.0  # --serve: a batch waits for more requests while they come
+    # this close together (10 windows at most)
     max_queue: int = 64  # --serve: requests queued or decoding at once; beyond, a 503
     max_body_mb: float = 8.0  # --serve: largest request body (MiB); beyond, a 413 unread
     timeout: float = 30.0  # --serve: seconds a connection may idle or stall before it is closed

@@ -4,12 +4,13 @@ logprobs, top_logprobs, and vLLM's top_k) and GET /v1/models, on the standard li
 server. chat.py's REPL streams its replies through Stream too.
 
 Batching: concurrent requests decode together. One scheduler thread owns the model: it takes the
-first queued request, waits at most --batch-window-ms for others with the same n (up to
---max-batch sequences), and runs them all through one model.generate() call, each with its own
-temperature, top_p, top_k, max_tokens, stop strings and seed (its own generator), so a greedy or
-seeded answer is the one the request gets alone. Requests arriving meanwhile wait for the next
-batch; a request's answer goes out as soon as its own rows end. Handler threads parse, stream and
-reply; the scheduler only decodes, handing tokens to each request's queue.
+oldest queued request and those queued with the same n (up to --max-batch sequences), waiting for
+more while they keep coming (--batch-window-ms apart at most; ten windows in all), and runs them
+through one model.generate() call, each with its own temperature, top_p, top_k, max_tokens, stop
+strings and seed (its own generator), so a greedy or seeded answer is the one the request gets
+alone (up to the rounding of batched matmuls: see the README). Requests arriving meanwhile wait for
+the next batch; a request's answer goes out as soon as its own rows end. Handler threads parse,
+stream and reply; the scheduler only decodes, handing tokens to each request's queue.
 
 Limits, for a server reachable beyond 127.0.0.1: a body over --max-body-mb is refused with a 413
 from its Content-Length before a byte of it is read; a connection idle or stalled for --timeout
@@ -236,14 +237,19 @@ class Batcher:
 
     def take(self):
         """The oldest job and those queued with the same n (one generate() call has one n), up to
-        --max-batch rows, after waiting at most --batch-window-ms from the oldest one's arrival."""
+        --max-batch rows. Before it starts, the batch waits while requests keep coming: until none
+        has arrived for --batch-window-ms (clients answered together come back a few ms apart),
+        and at most 10 windows from the oldest one's arrival."""
+        window = self.cfg.batch_window_ms / 1e3
         with self.cond:
             while not self.pending:
                 self.cond.wait()
             first = self.pending[0]
-            deadline = first.arrived + self.cfg.batch_window_ms / 1e3
             rows = lambda: sum(j.n for j in self.pending if j.n == first.n)
-            while rows() < self.cfg.max_batch and time.monotonic() < deadline:
+            while rows() < self.cfg.max_batch:
+                deadline = min(first.arrived + 10 * window, self.pending[-1].arrived + window)
+                if time.monotonic() >= deadline:
+                    break
                 self.cond.wait(deadline - time.monotonic())
             batch, rows = [], 0
             for j in list(self.pending):
