@@ -23,11 +23,15 @@ import data as D
 import model as M
 
 class Stream:
-    """Incremental detokenization: decode all ids so far, hand out the new suffix. A trailing
-    U+FFFD (a UTF-8 character split across tokens) is held back until complete; so is a tail that
-    may start a stop string. Text ends at the first stop string."""
+    """Incremental detokenization: hand out the new suffix of the text of all ids so far. A
+    trailing U+FFFD (a UTF-8 character split across tokens) is held back until complete; so is a
+    tail that may start a stop string. Text ends at the first stop string.
+    Only the ids since the last complete text are decoded a step (from one window back, as vLLM:
+    SentencePiece drops a leading space at the start of what it decodes, and both drop the same),
+    so a long stream costs linear time, not quadratic."""
     def __init__(self, tok, stop=()):
         self.tok, self.stop, self.ids, self.sent, self.text = tok, list(stop), [], 0, ""
+        self.done, self.start, self.read = "", 0, 0  # text of ids[:read]; the window's start
 
     def push(self, token):
         self.ids.append(token)
@@ -36,8 +40,18 @@ class Stream:
     def finish(self):
         return self._emit(final=True)
 
+    def _decoded(self):
+        decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)
+        known = decode(self.ids[self.start:self.read])
+        new = decode(self.ids[self.start:])[len(known):]
+        if new.endswith("\ufffd"):  # a character still incomplete: decode it again next time
+            return self.done + new
+        self.done += new
+        self.start, self.read = self.read, len(self.ids)
+        return self.done
+
     def _emit(self, final):
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = self._decoded()
         hits = [text.find(s) for s in self.stop if s in text]
         if hits:
             text = text[:min(hits)]
@@ -189,8 +203,9 @@ class Logprobs:
 # -------------------------------------------------------------------------------------------------
 # Batching: one scheduler thread decodes the queued requests together
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
+def log(line):  # one write: lines of the scheduler and the handler threads do not interleave
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 class Job:
     """One request on its way through the scheduler. The scheduler puts its events on `events`:

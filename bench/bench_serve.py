@@ -90,7 +90,7 @@ def main():
         tokens = sum(n for _, n in outs)
         print(f"{name:24s} {wall:7.2f} s  {len(outs) / wall:6.2f} requests/s  "
               f"{tokens / wall:7.1f} completion tokens/s  ({tokens} tokens)")
-    batches = [int(l.split()[1]) for l in lines if "requests together" in l]
+    batches = [int(m) for m in re.findall(r"decoding (\d+) requests together", "".join(lines))]
     print(f"throughput, concurrent / one at a time: {rows[0][1] / rows[1][1]:.2f}x "
           f"(batches of {min(batches, default=1)}-{max(batches, default=1)} requests)")
     same = [a == b for (a, _), (b, _) in zip(rows[0][2], rows[1][2])]

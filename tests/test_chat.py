@@ -319,12 +319,19 @@ def test_bad_sampling_flags_stop_before_loading(tmp_path, flags, what):
     assert p.returncode == 1 and p.stderr.strip().startswith(f"error: {what} must be"), p.stderr
     assert len(p.stderr.strip().splitlines()) == 1  # one line, no traceback
 
-def test_stream_handles_split_utf8_and_stop_prefixes(bpe_tokenizer):
+def test_stream_handles_split_utf8_and_stop_prefixes(bpe_tokenizer, sp_tokenizer):
     text = "héllo 日本語 🎉 cat"
     ids = bpe_tokenizer.encode(text, add_special_tokens=False)
     s = serve.Stream(bpe_tokenizer)
     pieces = [s.push(i) for i in ids] + [s.finish()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    long = " ".join(["the cat", "sat  on", "the mat\n", "héllo", "日本語🎉", " tell me"] * 20)
+    for tok in (bpe_tokenizer, sp_tokenizer):  # decoded a window at a time, the same text as whole
+        long_ids = tok.encode(long, add_special_tokens=False)
+        s = serve.Stream(tok)
+        pieces = [s.push(i) for i in long_ids] + [s.finish()]
+        assert "".join(pieces) == s.text == tok.decode(long_ids, skip_special_tokens=True)
+        assert s.start > len(long_ids) // 2 and not any("\ufffd" in p for p in pieces)
     s = serve.Stream(bpe_tokenizer, stop=["本語 🎉"])
     pieces = [s.push(i) for i in ids] + [s.finish()]
     assert "".join(pieces) == s.text == "héllo 日" and not any("本" in p for p in pieces)
