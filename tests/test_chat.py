@@ -279,6 +279,8 @@ def test_logprobs_follow_rows_through_eos_and_compaction(local):
                                   b'{"messages": [{"role": "user", "content": "hi"}],'
                                   b' "temperature": -0.5}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "stop": [1]}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "top_k": -2}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "top_k": 2.5}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": true}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": "yes"}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}',
