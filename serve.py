@@ -481,8 +481,11 @@ def serve(cfg, model, tok, template, eos, name):
         def log_message(self, fmt, *args):
             log(f"{self.address_string()} {fmt % args}")
 
-    server = ThreadingHTTPServer((cfg.host, cfg.port), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128  # the listen backlog (5 by default): bursts of clients
+
+    server = Server((cfg.host, cfg.port), Handler)
     host, port = server.server_address[:2]
     if not cfg.api_key and host not in ("127.0.0.1", "::1", "localhost"):
         log(f"warning: serving on {host} without --api-key: anyone who reaches it can use it")

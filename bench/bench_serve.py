@@ -26,19 +26,20 @@ class Config:
 
 TOPICS = ("the sea, a red bicycle, why the sky is blue, bread, the moon landing, a lighthouse, "
           "chess, rain in the city, volcanoes, the first computer, honey bees, a quiet library, "
-          "paper planes, winter mornings, the number zero, a jazz trio, deserts, old maps, coffee, "
-          "an octopus, the printing press, a kite, glaciers, a train at night, owls, tea, "
-          "lightning, a clock tower, mushrooms, the Roman roads, snow, a garden").split(", ")
+          "paper planes, winter mornings, the number zero, a jazz trio, deserts, old maps, "
+          "coffee, an octopus, the printing press, a kite, glaciers, a train at night, owls, "
+          "tea, lightning, a clock tower, mushrooms, the Roman roads, snow, a garden").split(", ")
 
 def prompts(k):  # different topics and lengths, so rows of one batch differ
     asks = ["Write one sentence about {}.", "In a few words: what is special about {}?",
-            "Tell me a short, surprising fact about {}, and explain it to a child in simple words."]
+            "Tell me a short, surprising fact about {}, and explain it to a child in few words."]
     return [asks[i % 3].format(TOPICS[i % len(TOPICS)]) for i in range(k)]
 
 def start(cfg):
     cmd = [sys.executable, "chat.py", "--serve", "--port", "0", "--temperature", "0",
            "--threads", str(cfg.threads), "--dtype", cfg.dtype, "--max-batch", str(cfg.clients),
-           "--batch-window-ms", str(cfg.batch_window_ms)] + (["--model", cfg.model] * bool(cfg.model))
+           "--batch-window-ms", str(cfg.batch_window_ms)]
+    cmd += ["--model", cfg.model] if cfg.model else []
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     lines = []
@@ -79,8 +80,8 @@ def main():
     try:
         asks = prompts(cfg.requests)
         ask(url, asks[0], 2)  # warm-up: allocator, lazy init
-        rows = [("one at a time", *side(url, asks, cfg.max_tokens, 1)),
-                (f"{cfg.clients} concurrent clients", *side(url, asks, cfg.max_tokens, cfg.clients))]
+        rows = [(name, *side(url, asks, cfg.max_tokens, clients)) for name, clients in
+                (("one at a time", 1), (f"{cfg.clients} concurrent clients", cfg.clients))]
     finally:
         proc.terminate()
         proc.wait()
