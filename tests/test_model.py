@@ -128,6 +128,30 @@ def test_generate_stops_on_eos_and_stop_strings(tiny_vicuna):
     out = M.generate(model, [[1, 50, 60]], max_new_tokens=10, temperature=0, stop=[stop], tokenizer=tok)[0][0]
     assert out["finish_reason"] == "stop" and stop in tok.decode(out["ids"]) and len(out["ids"]) <= 5
 
+def test_generate_per_prompt_settings_equal_each_prompt_alone(tiny_vicuna):
+    """A server batch: each prompt its own temperature, top_p, top_k, max_new_tokens, stop strings
+    and generator; each answer is the one it gets alone (greedy and seeded sampling alike), and
+    on_done reports every row's end once, with the reason generate returns."""
+    model, tok, _ = M.load_model(tiny_vicuna)
+    prompts = [[1, 50, 60], [1, 90, 100, 110, 120, 130], [1, 70], [1, 40, 41, 42, 43]]
+    greedy = M.generate(model, prompts[:1], max_new_tokens=10, temperature=0)[0][0]["ids"]
+    settings = [dict(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=10,
+                     stop=[tok.decode(greedy[:5])[-2:]]),
+                dict(temperature=1.2, top_p=0.9, top_k=0, max_new_tokens=12, stop=[]),
+                dict(temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=4, stop=[]),
+                dict(temperature=0.8, top_p=1.0, top_k=5, max_new_tokens=9, stop=["zz"])]
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (5, 6, 7, 8)]
+    ended = []
+    batch = M.generate(model, prompts, **{k: [s[k] for s in settings] for k in settings[0]},
+                       tokenizer=tok, generator=gens(), on_done=lambda r, why: ended.append((r, why)))
+    alone = [M.generate(model, [p], **s, tokenizer=tok, generator=g)[0][0]
+             for p, s, g in zip(prompts, settings, gens())]
+    assert [o[0] for o in batch] == alone
+    assert sorted(ended) == [(i, o["finish_reason"]) for i, o in enumerate(alone)]
+    assert [o["finish_reason"] for o in alone[:3]] == ["stop", "length", "length"]
+    with pytest.raises(ValueError, match="2 per-prompt values for 4 prompts"):
+        M.generate(model, prompts, temperature=[0.0, 1.0])
+
 def test_top_k_top_p_filter():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
     g = torch.Generator().manual_seed(0)
