@@ -48,6 +48,10 @@ def load(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device, dtype = M.pick_device(cfg.device, cfg.dtype)
+    if cfg.quantize not in ("", "int8"):  # checked before the model is loaded
+        raise ValueError(f"--quantize {cfg.quantize}: int8 (or nothing)")
+    if cfg.compile and device.type == "cpu" and not M.compiler_available():
+        raise ValueError("--compile needs a C++ compiler (g++) for torch's CPU inductor")
     path = cfg.model or M.default_model()
     t = time.perf_counter()
     model, tok, template = M.load_model(path, device=device, dtype=dtype)
@@ -55,15 +59,11 @@ def load(cfg):
     template = D.get_template(template, cfg.template)
     eos = D.stop_ids(tok, template, model.cfg.eos_token_id)
     name = os.path.basename(os.path.normpath(path)).removesuffix(".gguf")
-    if cfg.quantize not in ("", "int8"):
-        raise ValueError(f"--quantize {cfg.quantize}: int8 (or nothing)")
     if cfg.quantize:
         t = time.perf_counter()
         M.quantize_int8(model)
         times["quantize"] = time.perf_counter() - t
     if cfg.compile:
-        if device.type == "cpu" and not M.compiler_available():
-            raise ValueError("--compile needs a C++ compiler (g++) for torch's CPU inductor")
         t = time.perf_counter()
         M.compile_decode(model)  # compiled here, by a 2-token reply, not in the user's first one
         M.generate(model, [[0]], max_new_tokens=2, temperature=0)

@@ -1,9 +1,9 @@
 """Inference-only speedups (model.py): weight-only int8 and the compiled decode step."""
-import os
+import json, os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import M, T, TINY, make_checkpoint
+from conftest import M, T, TINY, make_checkpoint, run_script, write_jsonl
 
 def tiny_model(seed=0, **over):
     cfg = M.LlamaConfig(**(TINY | over), vocab_size=300)
@@ -96,3 +96,22 @@ def test_compiled_decode_equals_eager(monkeypatch, tmp_path):
     finally:
         del model.compiled_step
         torch._dynamo.reset()
+
+def test_command_lines_quantize_and_progress(tmp_path, tiny_chatml, tiny_vicuna, sp_tokenizer):
+    """chat.py --quantize int8 --verbose answers and prints its start-up time; sample.py --quantize
+    int8 (policy and reward model) writes scored records, and its bar counts tokens (2 prompts x
+    n 2 x 8 tokens = 32), not prompts; a wrong --quantize stops before any model is loaded."""
+    p = run_script("chat.py", "--model", tiny_chatml, "--prompt", "hello", "--quantize", "int8",
+                   "--verbose", "--temperature", "0", "--max-new-tokens", "6")
+    assert "start-up" in p.stderr and "quantize" in p.stderr and p.stdout.strip()
+    rm = make_checkpoint(tmp_path / "rm", sp_tokenizer, "vicuna", reward=True)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"id": str(i), "messages": [{"role": "user", "content": f"count to {i}"}]}
+                                              for i in range(2)])
+    out = tmp_path / "s.jsonl"
+    p = run_script("sample.py", "--model", tiny_vicuna, "--data", data, "--n", "2", "--max-new-tokens", "8",
+                   "--reward-model", rm, "--quantize", "int8", "--out", str(out))
+    assert "32/32" in p.stderr and "tokens/s" in p.stderr
+    recs = [json.loads(line) for line in open(out)]
+    assert len(recs) == 2 and all(isinstance(r["reward"], float) for x in recs for r in x["responses"])
+    p = run_script("chat.py", "--model", tiny_chatml, "--prompt", "hi", "--quantize", "int4", check=False)
+    assert p.returncode != 0 and "--quantize int4" in p.stderr
