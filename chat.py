@@ -36,7 +36,7 @@ class ChatConfig:
     port: int = 8000  # --serve: port (0: any free port, printed at start)
     max_n: int = 16  # --serve: largest n (completions per request) accepted
     quantize: str = ""  # int8: weight-only int8 (per-channel scales) for every matmul; inference
-        # only; on CPU ~1.5-2x the decode speed of bf16 at batch 1, greedy output close to fp32's
+        # only; on CPU ~1.4-1.8x the decode speed of bf16 at batch 1, greedy output close to fp32's
     compile: bool = False  # torch.compile the decode step (C++ compiler needed): off by default,
         # since compiling takes minutes on a small CPU and a short chat never wins it back
     verbose: bool = False  # print the start-up time (command to first prompt) and its parts
