@@ -139,6 +139,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.used = 0  # max of lengths, kept on the host so attention needs no device sync
+        self.whole = False  # attend over all max_len slots (masked): fixed shapes (torch.compile)
         self.prefix, self.prompt = prefix, prompt
         if prefix is not None:
             self._grid()
@@ -195,7 +196,7 @@ class Attention(nn.Module):
         rows = torch.arange(B, device=x.device)[:, None]
         cache.k[layer][rows, :, pos] = k
         cache.v[layer][rows, :, pos] = v
-        S = cache.used + t
+        S = cache.k.shape[3] if cache.whole else cache.used + t
         mask = torch.arange(S, device=x.device) <= pos[:, :, None]  # [B, t, S]: own past only
         if cache.prefix is not None:
             o = cascade_attention(q, cache, layer, S, mask)
@@ -260,7 +261,10 @@ class Block(nn.Module):
 class Decoder(nn.Module):  # HF's LlamaModel: the `model.` prefix of every parameter name
     def __init__(self, cfg):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # normal_ (Embedding's init) on the meta device costs 2 s at its first call (torch imports
+        # its Python reference kernels): load_model's empty model skips it, start-up is shorter
+        w = torch.empty(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(*w.shape, _weight=w if w.is_meta else nn.init.normal_(w))
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -286,6 +290,48 @@ class Llama(nn.Module):
     def head_weight(self):
         tied = self.cfg.tie_word_embeddings
         return self.model.embed_tokens.weight if tied else self.lm_head.weight
+
+    @property
+    def quantized(self):
+        return any(isinstance(m, Int8Linear) for m in self.modules())
+
+    def train(self, mode=True):
+        """The training stages call model.train(): an int8 model has no float weights to train."""
+        if mode and self.quantized:
+            raise RuntimeError("this model is int8-quantized (--quantize int8), for inference "
+                               "only: train from the float checkpoint")
+        return super().train(mode)
+
+    def logits(self, x):
+        if isinstance(getattr(self, "lm_head", None), Int8Linear):  # also a tied head's int8 copy
+            return self.lm_head(x)
+        return F.linear(x, self.head_weight())
+
+    def decode(self, tok, cache):
+        """One decoding step, self(tok, cache=cache) for tok [B, 1]: eager, or through the step
+        compile_decode compiled (over the whole cache, so its shapes do not change step to step)."""
+        step = getattr(self, "compiled_step", None)
+        if step is None or cache.prefix is not None:
+            return self(tok, cache=cache)
+        for t, dims in ((cache.k, (1, 3)), (cache.v, (1, 3)), (cache.lengths, 0), (tok, 0)):
+            # rows and cache length symbolic: one compile for every batch size and reply budget
+            torch._dynamo.maybe_mark_dynamic(t, dims)
+            if t.is_cuda and t is not tok:  # CUDA graphs replay fixed addresses
+                torch._dynamo.mark_static_address(t)
+        cache.whole = True
+        logits = step(tok, cache)
+        cache.lengths += 1  # the host-side bookkeeping stays out of the compiled graph
+        cache.used += 1
+        return logits
+
+    def decode_step(self, tok, cache):
+        """forward(tok, cache=cache) for one token per row, without touching cache.used or
+        cache.lengths (decode does): what torch.compile traces."""
+        x = self.model.embed_tokens(tok)
+        cos, sin = rope(cache.positions(1), self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, None, 0, cache, i)
+        return self.logits(self.model.norm(x)[:, -1])
 
     def forward(self, input_ids, position_ids=None, cu_seqlens=None, cache=None, targets=None,
                 last=None):
@@ -324,7 +370,7 @@ class Llama(nn.Module):
             return chunked_logprobs(x, self.head_weight(), targets)
         if cache is not None:
             x = x[:, -1]
-        return F.linear(x, self.head_weight())
+        return self.logits(x)
 
 class ChunkedLogprobs(torch.autograd.Function):
     """log p(t | h) = h.w_t - logsumexp(h W^T) for rows h [N, d], a chunk of rows at a time: the
@@ -376,6 +422,65 @@ def positions_from_cu(cu_seqlens):
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lens)
     return torch.arange(int(cu_seqlens[-1]), device=cu_seqlens.device) - starts
+
+# -------------------------------------------------------------------------------------------------
+# Inference only: weight-only int8 (gpt-fast style) and a compiled decode step
+
+class Int8Linear(nn.Module):
+    """nn.Linear with int8 weights and one scale per output channel: w ~ q * scale, q = round(w /
+    scale) in [-127, 127], scale = max |w| of the row / 127 (symmetric). The scales are bf16 (the
+    kernel's dtype) and q is rounded against the bf16 scale. A quarter of fp32's bytes to read a
+    step, which is what batch-1 decoding waits on."""
+    def __init__(self, weight):
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(1).clamp(min=1e-30) / 127).to(torch.bfloat16)
+        q = (w / scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+        self.register_buffer("weight", q)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and rows <= 16:
+            # torch's weight-only int8 kernel, in bf16: at 1 row 2-4x faster than a bf16 or fp32
+            # linear, at 8-16 rows even with bf16 and ahead of fp32 (measured on AVX-512). With
+            # fp32 activations it takes a slow generic path (~20x slower): they pass through bf16.
+            y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight,
+                                          self.scale)
+            return y.view(*x.shape[:-1], -1).to(x.dtype)
+        # Many rows (prefill, big batches) or CUDA (no such kernel there): dequantize, then a
+        # float matmul; at 64+ rows on CPU this beats the int8 kernel ~2x (it is a GEMV at heart),
+        # and under torch.compile the dequantization fuses into the matmul's load.
+        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+
+def quantize_int8(model):
+    """Replace every nn.Linear of `model` (a Llama, in place) by an Int8Linear, and the LM head
+    too (a tied head gets its own int8 copy; the embedding lookup stays float). The reward head
+    (score: one output) stays float, as rewards are read in fp32. Inference only: model.train()
+    refuses the result. Seconds for a 135M model."""
+    for name, m in list(model.named_modules()):
+        for child, sub in list(m.named_children()):
+            if isinstance(sub, nn.Linear) and sub.out_features > 1:
+                setattr(m, child, Int8Linear(sub.weight))
+    if not model.reward and model.cfg.tie_word_embeddings:
+        model.lm_head = Int8Linear(model.model.embed_tokens.weight)
+    return model.eval()
+
+def compile_decode(model):
+    """Compile model.decode_step (the one-token forward over the static cache) with torch.compile:
+    inductor's C++ on CPU, CUDA graphs on GPU (mode reduce-overhead, as gpt-fast). Its shapes are
+    fixed (the whole cache is attended, masked), so it compiles once per batch size; inductor's
+    FX graph cache (in $XWIN_CACHE/inductor) makes later runs reuse the compiled code."""
+    cache = os.path.join(os.path.expanduser(os.environ.get("XWIN_CACHE", "~/.cache/xwin")),
+                         "inductor")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)  # /tmp's default may be wiped
+    mode = "reduce-overhead" if model.device.type == "cuda" else None
+    model.compiled_step = torch.compile(model.decode_step, mode=mode)
+    return model
+
+def compiler_available():
+    """Whether torch.compile can build CPU kernels here: inductor needs a C++ compiler."""
+    return shutil.which(os.environ.get("CXX", "g++")) is not None
 
 # -------------------------------------------------------------------------------------------------
 # Generation: batched, n samples per prompt share its prefill, finished rows leave the batch
@@ -459,7 +564,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
 
     # Caches. n > 1: the prompts in `prefix`, each row's own tokens in `cache` (cascade attention).
     # n == 1 (chat) shares nothing: plain rows holding prompt and reply, a third fewer ops a step.
-    shared = n > 1
+    # A compiled step (compile_decode) takes plain rows only: each sample then holds its prompt.
+    shared = n > 1 and getattr(model, "compiled_step", None) is None
     if shared:
         prefix = KVCache(cfg, P, max(map(len, prompts)), dev, dtype)
     else:
@@ -468,7 +574,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
     for i, p in enumerate(prompts):  # prefill each prompt once: its n samples share its keys
         one = KVCache(cfg, 1, len(p), dev, dtype)
         first.append(model(torch.tensor([p], device=dev), cache=one)[0])
-        (prefix if shared else cache).copy_from(slice(i, i + 1), one)
+        m = 1 if shared else n  # the prompt's rows
+        (prefix if shared else cache).copy_from(slice(i * m, i * m + m), one)
         del one
     if shared:
         owner = torch.arange(P, device=dev).repeat_interleave(n)
@@ -535,7 +642,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
             cache.keep(idx)
             tok, rows, live_t = tok[idx], [rows[j] for j in live], live_t[idx]
         # One decoding step for every row left
-        logits = model(tok[:, None], cache=cache)
+        logits = model.decode(tok[:, None], cache)
         if on_logits:
             on_logits(rows, logits)
         tok = sample(logits, rows, draws(live_t))
@@ -667,13 +774,21 @@ def read_weights(model, path, rows):
             hint = " (a reward model, not a policy?)" if name == "lm_head.weight" else ""
             raise SystemExit(f"error: {path}: the checkpoint has no {name}{hint}")
         with safe_open(files[name], "pt") as f:
-            yield name, f.get_slice(name)[sl]
+            w = f.get_slice(name)
+            if w.get_dtype() in ("I8", "U8"):  # cast to float it would load as garbage
+                raise SystemExit(f"error: {path}: {name} is stored as 8-bit integers (a quantized "
+                                 "checkpoint): load the float checkpoint (--quantize int8 "
+                                 "quantizes at load time, for inference; training needs floats)")
+            yield name, w[sl]
 
 def save_checkpoint(out, state_dict, cfg, tok, extra=None, max_shard_bytes=5 * 2**30):
     """Write an HF folder (transformers' AutoModelForCausalLM / ...ForSequenceClassification):
     config.json (cfg plus `extra`, e.g. chat_template_name), generation_config.json, (sharded)
     safetensors, the tokenizer with its chat template. cfg.eos_token_id: all ids ending a reply."""
     from safetensors.torch import save_file
+    if any(v.dtype == torch.int8 for v in state_dict.values()):
+        raise ValueError(f"{out}: an int8-quantized model is not saved (no reader would know its "
+                         "scales): save the float model; --quantize int8 quantizes at load time")
     os.makedirs(out, exist_ok=True)
     reward = "score.weight" in state_dict
     sd = {k: v.detach().contiguous() for k, v in state_dict.items()

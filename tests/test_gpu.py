@@ -54,3 +54,26 @@ def test_single_gpu_training_and_sampling(tmp_path, tiny_vicuna):
     print(p.stdout[-500:])
     recs = [json.loads(l) for l in open(tmp_path / "s.jsonl")]
     assert len(recs) == 4 and all(isinstance(r["reward"], float) for x in recs for r in x["responses"])
+
+def test_int8_and_compiled_decode_on_cuda(monkeypatch, tmp_path):
+    """On CUDA int8 dequantizes into the matmul (no int8 kernel there) and the compiled step runs as
+    CUDA graphs: its greedy tokens equal eager's, float and int8; int8 logits stay near fp32's."""
+    from test_quant import tiny_model
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    prompts = [[1, 5, 6, 7], [1, 9, 10, 11, 12, 13, 14]]
+    ids = torch.randint(3, 300, (2, 30), device="cuda")
+    ref = tiny_model().cuda()
+    with torch.no_grad():
+        a, b = ref(ids), M.quantize_int8(tiny_model().cuda())(ids)
+    assert (a - b).abs().max() <= 0.05 * a.abs().max()
+    for int8 in (False, True):
+        model = tiny_model().cuda()
+        if int8:
+            M.quantize_int8(model)
+        run = lambda: (M.generate(model, prompts, max_new_tokens=12, temperature=0),  # noqa: E731
+                       M.generate(model, prompts[:1], max_new_tokens=20, temperature=0))  # 1 row
+        eager = run()
+        torch._dynamo.reset()
+        M.compile_decode(model)
+        assert run() == eager
+    torch._dynamo.reset()

@@ -1,0 +1,117 @@
+"""Inference-only speedups (model.py): weight-only int8 and the compiled decode step."""
+import json, os
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import M, T, TINY, make_checkpoint, run_script, write_jsonl
+
+def tiny_model(seed=0, **over):
+    cfg = M.LlamaConfig(**(TINY | over), vocab_size=300)
+    torch.manual_seed(seed)
+    model = M.Llama(cfg)
+    for name, p in model.named_parameters():
+        torch.nn.init.normal_(p, std=0.1) if "norm" not in name else torch.nn.init.uniform_(p, 0.8, 1.2)
+    return model.eval()
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 40])
+def test_int8_linear_equals_dequantized_linear(rows):
+    """Up to 16 rows run torch's int8 kernel with bf16 activations (within bf16 rounding of the
+    dequantized fp32 product); more rows dequantize and multiply in fp32 (float rounding only).
+    The weights themselves are within half a quantization step of the originals."""
+    torch.manual_seed(0)
+    w = torch.randn(96, 64) * torch.rand(96, 1)  # rows of different scales
+    lin = M.Int8Linear(w)
+    assert lin.weight.dtype == torch.int8 and lin.weight.abs().max() == 127
+    deq = lin.weight.float() * lin.scale.float()[:, None]
+    assert ((deq - w).abs() <= 0.51 * lin.scale.float()[:, None]).all()
+    x = torch.randn(rows, 64)
+    y, ref = lin(x), F.linear(x, deq)
+    assert y.dtype == torch.float32 and y.shape == (rows, 96)
+    tol = 1e-2 if rows <= 16 else 1e-5  # relative to the largest output
+    assert (y - ref).abs().max() <= tol * ref.abs().max()
+    assert torch.equal(lin(x[None])[0], y)  # [B, T, in] as [B * T, in]
+
+def test_int8_model_logits_close_to_fp32():
+    """An int8 tiny model (tied head: its own int8 copy; embedding float) against fp32: prefill
+    (many rows: the dequantize path) and decode logits (one row: the int8 kernel) within 5% of
+    the logit range, mean KL(fp32 || int8) < 2e-3 nats, and greedy decoding starts the same."""
+    ref = tiny_model(tie_word_embeddings=True)
+    q = M.quantize_int8(tiny_model(tie_word_embeddings=True))
+    assert isinstance(q.lm_head, M.Int8Linear) and q.model.embed_tokens.weight.dtype == torch.float32
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    ids = torch.randint(3, 300, (2, 30))
+    with torch.no_grad():
+        a, b = ref(ids), q(ids)
+        kl = F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="batchmean")
+        print(f"prefill: max |diff| {(a - b).abs().max():.4f} of range {a.abs().max():.2f}, KL {kl:.2e}")
+        assert (a - b).abs().max() <= 0.05 * a.abs().max() and kl < 2e-3
+        caches = [M.KVCache(m.cfg, 1, 40, "cpu", torch.float32) for m in (ref, q)]
+        for m, c in zip((ref, q), caches):
+            m(ids[:1], cache=c)
+        a, b = (m(torch.tensor([[5]]), cache=c) for m, c in zip((ref, q), caches))
+        assert (a - b).abs().max() <= 0.05 * a.abs().max()
+    prompt = ids[0, :10].tolist()
+    greedy = [M.generate(m, [prompt], max_new_tokens=4, temperature=0)[0][0]["ids"] for m in (ref, q)]
+    assert greedy[0][:2] == greedy[1][:2]
+
+def test_quantized_model_refuses_training(tmp_path, sp_tokenizer):
+    """Int8 is for inference: model.train() (what training.fit calls) refuses a quantized model,
+    it is not saved, and a checkpoint holding int8 weights is refused by the training stages'
+    loader (cast to float it would load as garbage) and by load_model."""
+    q = M.quantize_int8(tiny_model())
+    with pytest.raises(RuntimeError, match="int8-quantized"):
+        q.train()
+    q.eval()  # eval mode stays allowed
+    with pytest.raises(ValueError, match="int8-quantized model is not saved"):
+        M.save_checkpoint(str(tmp_path / "q"), q.state_dict(), q.cfg, sp_tokenizer)
+    path = make_checkpoint(tmp_path / "ckpt", sp_tokenizer, "vicuna")
+    from safetensors.torch import load_file, save_file
+    f = os.path.join(path, "model.safetensors")
+    sd = load_file(f)
+    sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"].to(torch.int8)
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match="up_proj.weight is stored as 8-bit integers"):
+        T.prepare_model(T.TrainConfig(model=path, device="cpu", dtype="float32"))
+    with pytest.raises(SystemExit, match="8-bit integers"):
+        M.load_model(path)
+
+@pytest.mark.skipif(not M.compiler_available(), reason="torch.compile on CPU needs a C++ compiler (g++)")
+def test_compiled_decode_equals_eager(monkeypatch, tmp_path):
+    """One compile (rows and cache length symbolic): greedy tokens of two prompts of different
+    lengths in one batch, then two samples of one prompt (the same batch size: no recompile; eager
+    shares the prompt through cascade attention, compiled rows hold it each) equal eager's."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = tiny_model()
+    prompts = [[1, 5, 6, 7], [1, 9, 10, 11, 12, 13, 14]]
+
+    def run():
+        greedy = M.generate(model, prompts, max_new_tokens=12, temperature=0)
+        gens = [torch.Generator().manual_seed(7)]
+        return greedy, M.generate(model, prompts[:1], n=2, max_new_tokens=12, generator=gens)
+    eager = run()
+    torch._dynamo.reset()
+    try:
+        M.compile_decode(model)
+        assert run() == eager
+    finally:
+        del model.compiled_step
+        torch._dynamo.reset()
+
+def test_command_lines_quantize_and_progress(tmp_path, tiny_chatml, tiny_vicuna, sp_tokenizer):
+    """chat.py --quantize int8 --verbose answers and prints its start-up time; sample.py --quantize
+    int8 (policy and reward model) writes scored records, and its bar counts tokens (2 prompts x
+    n 2 x 8 tokens = 32), not prompts; a wrong --quantize stops before any model is loaded."""
+    p = run_script("chat.py", "--model", tiny_chatml, "--prompt", "hello", "--quantize", "int8",
+                   "--verbose", "--temperature", "0", "--max-new-tokens", "6")
+    assert "start-up" in p.stderr and "quantize" in p.stderr and p.stdout.strip()
+    rm = make_checkpoint(tmp_path / "rm", sp_tokenizer, "vicuna", reward=True)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"id": str(i), "messages": [{"role": "user", "content": f"count to {i}"}]}
+                                              for i in range(2)])
+    out = tmp_path / "s.jsonl"
+    p = run_script("sample.py", "--model", tiny_vicuna, "--data", data, "--n", "2", "--max-new-tokens", "8",
+                   "--reward-model", rm, "--quantize", "int8", "--out", str(out))
+    assert "32/32" in p.stderr and "tokens/s" in p.stderr
+    recs = [json.loads(line) for line in open(out)]
+    assert len(recs) == 2 and all(isinstance(r["reward"], float) for x in recs for r in x["responses"])
+    p = run_script("chat.py", "--model", tiny_chatml, "--prompt", "hi", "--quantize", "int4", check=False)
+    assert p.returncode != 0 and "--quantize int4" in p.stderr
