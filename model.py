@@ -339,7 +339,7 @@ class Llama(nn.Module):
         if omitted), or a batch [B, T] of equal-length rows. Decoding: [B, t] with `cache`. Returns
           targets given -> log p(targets) per token [T] (0 where target is -100), no full logits;
           reward model  -> rewards [n] read at each document's last token (or at `last` indices);
-          otherwise     -> logits (of the last token per row when decoding)."""
+          otherwise     -> logits (decoding: of each row's last token, or of its token `last[b]`)."""
         if cache is None and input_ids.dim() == 2:  # equal-length rows: pack them
             B, T = input_ids.shape
             cu_seqlens = T * torch.arange(B + 1, dtype=torch.int32, device=input_ids.device)
@@ -368,8 +368,8 @@ class Llama(nn.Module):
                 return F.linear(x[idx].float(), self.score.weight.float()).squeeze(-1)
         if targets is not None:
             return chunked_logprobs(x, self.head_weight(), targets)
-        if cache is not None:
-            x = x[:, -1]
+        if cache is not None:  # the last token of each row, or of its prompt (`last`: padding)
+            x = x[:, -1] if last is None else x[torch.arange(len(x), device=x.device), last]
         return self.logits(x)
 
 class ChunkedLogprobs(torch.autograd.Function):
@@ -524,6 +524,18 @@ def check_sampling(n, temperature, top_p, top_k):
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0: off), got {top_k}")
 
+def prefill_groups(prompts, tokens=2048):
+    """Prompts prefilled together, right-padded to the longest of their group: one matmul over a
+    few prompts is faster than one per prompt (a server's batch of short chats). Sorted by length,
+    so little is padding; at most `tokens` (padding included) a group."""
+    groups = []
+    for i in sorted(range(len(prompts)), key=lambda i: len(prompts[i])):
+        if groups and (len(groups[-1]) + 1) * len(prompts[i]) <= tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
 def per_prompt(value, P):
     """One value per prompt: `value` itself if it is a list of P (for stop: a list of lists of
     strings), else `value` for every prompt."""
@@ -570,13 +582,17 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
         prefix = KVCache(cfg, P, max(map(len, prompts)), dev, dtype)
     else:
         cache = KVCache(cfg, B, max(len(p) + b for p, b in zip(prompts, budgets)), dev, dtype)
-    first = []
-    for i, p in enumerate(prompts):  # prefill each prompt once: its n samples share its keys
-        one = KVCache(cfg, 1, len(p), dev, dtype)
-        first.append(model(torch.tensor([p], device=dev), cache=one)[0])
-        m = 1 if shared else n  # the prompt's rows
-        (prefix if shared else cache).copy_from(slice(i * m, i * m + m), one)
-        del one
+    first, m = [None] * P, 1 if shared else n  # m: the cache rows of a prompt
+    for group in prefill_groups(prompts):  # each prompt prefilled once: its n samples share it
+        T, lens = max(len(prompts[i]) for i in group), [len(prompts[i]) for i in group]
+        ids = torch.tensor([prompts[i] + [0] * (T - len(prompts[i])) for i in group], device=dev)
+        some = KVCache(cfg, len(group), T, dev, dtype)
+        logits = model(ids, cache=some, last=torch.tensor(lens, device=dev) - 1)
+        some.lengths = torch.tensor(lens, device=dev)  # the padding's keys are never read
+        for j, i in enumerate(group):
+            first[i] = logits[j]
+            (prefix if shared else cache).copy_from(slice(i * m, i * m + m), some, j)
+        del some
     if shared:
         owner = torch.arange(P, device=dev).repeat_interleave(n)
         cache = KVCache(cfg, B, max(budgets), dev, dtype, prefix, owner)

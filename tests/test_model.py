@@ -152,6 +152,22 @@ def test_generate_per_prompt_settings_equal_each_prompt_alone(tiny_vicuna):
     with pytest.raises(ValueError, match="2 per-prompt values for 4 prompts"):
         M.generate(model, prompts, temperature=[0.0, 1.0])
 
+def test_prefill_groups_pad_and_match_one_prompt_at_a_time(tiny_vicuna):
+    """Prompts prefilled together, right-padded: each one's last logits and keys are those of its
+    prefill alone (padding never read); groups sorted by length, within the token budget."""
+    assert M.prefill_groups([[1] * 5, [1] * 2, [1] * 4, [1] * 9], tokens=15) == [[1, 2, 0], [3]]
+    model, _, _ = M.load_model(tiny_vicuna)
+    prompts = [[1, 50, 60, 61, 62, 63, 64], [1, 70], [1, 40, 41, 42]]
+    ids = torch.tensor([p + [5] * (7 - len(p)) for p in prompts])
+    lens = torch.tensor([len(p) for p in prompts])
+    some = M.KVCache(model.cfg, 3, 7, model.device, model.dtype)
+    batch = model(ids, cache=some, last=lens - 1)
+    for j, p in enumerate(prompts):
+        one = M.KVCache(model.cfg, 1, len(p), model.device, model.dtype)
+        alone = model(torch.tensor([p]), cache=one)[0]
+        torch.testing.assert_close(batch[j], alone, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(some.k[:, j, :, :len(p)], one.k[:, 0], rtol=1e-4, atol=1e-5)
+
 def test_top_k_top_p_filter():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
     g = torch.Generator().manual_seed(0)
