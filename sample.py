@@ -16,6 +16,11 @@ rank r samples prompts r::world into OUT.rank{r} and rank 0 merges the shards in
 The output is appended a batch at a time: a killed run, restarted, skips the ids already written
 and loses only the batch in flight.
 
+MT-bench: a question in FastChat's format ({"question_id", "category", "turns": [...]}) is answered
+turn by turn, each turn from the conversation so far, the model's own earlier answers included, at
+its category's temperature; the record is in FastChat's answer format too (question_id, model_id,
+choices: [{index, turns}]), so FastChat's llm_judge reads it, and annotate.py --mode single grades it.
+
 Reproducibility: each prompt samples from its own generator, seeded from (--seed, its id). Its
 responses therefore do not depend on which other prompts share its batch, on the number of ranks,
 or on resumes, except through the floating-point rounding of batched matmuls, which can flip a
@@ -56,14 +61,20 @@ class Config:
     device: str = "auto"  # cpu, cuda, or auto
     dtype: str = "auto"  # float32 or bfloat16 (auto: bfloat16 on CUDA and on native-bf16 CPUs)
     engine: str = "ours"  # ours, or vllm (when installed: a GPU engine, one process; same records)
+    category_temperature: str = ""  # MT-bench questions: CATEGORY=T,... over MT-bench's own
+        # temperatures (writing, roleplay 0.7; stem, humanities 0.1; extraction, math, coding,
+        # reasoning 0); other categories take --temperature; "off": --temperature for all
+    model_id: str = ""  # MT-bench answers: the model_id written (default: the model's name)
 
 # -------------------------------------------------------------------------------------------------
 # Data: prompts checked up front, so a bad line stops the run before any model is loaded
 
 def load_prompts(cfg):
-    prompts, seen = [], set()
+    """-> (prompts [(where, id, messages)], {id: MT-bench question}); a question's messages are
+    its first turn."""
+    prompts, seen, questions = [], set(), {}
     for where, rec in D.read_records(cfg.data, cfg.split):
-        rid = rec.get("id", rec.get("prompt_id"))
+        rid = rec.get("id", rec.get("prompt_id", rec.get("question_id")))
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise D.DataError(f"{where}: a prompt needs an 'id' (string)")
         if str(rid) in seen:
@@ -72,8 +83,19 @@ def load_prompts(cfg):
         bare = "messages" not in rec and "conversations" not in rec  # hub sets with a bare prompt
         if bare and isinstance(rec.get("prompt"), str):
             rec = {"messages": [{"role": "user", "content": rec["prompt"]}]}
+        if bare and "turns" in rec:
+            questions[str(rid)] = check_question(rec, where)
+            rec = {"messages": [{"role": "user", "content": rec["turns"][0]}]}
         prompts.append((where, str(rid), D.get_messages(rec, where, prompt=True)))
-    return prompts[:cfg.limit] if cfg.limit else prompts
+    if questions and len(questions) < len(prompts):
+        raise D.DataError(f"{prompts[0][0]}: MT-bench questions mixed with other prompts")
+    return (prompts[:cfg.limit] if cfg.limit else prompts), questions
+
+def check_question(rec, where):
+    turns = rec["turns"]
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+        raise D.DataError(f"{where}: 'turns' must list the question's turns (strings)")
+    return rec
 
 def seed_of(seed, rid):  # stable across runs and machines (Python's hash() is salted per process)
     digest = hashlib.sha256(f"{seed}:{rid}".encode()).digest()
@@ -178,6 +200,85 @@ def reward_scores(model, tok, template, conversations, batch_tokens=16384, max_l
     return out.tolist()
 
 # -------------------------------------------------------------------------------------------------
+# MT-bench: two-turn questions, each turn answered from the conversation including the model's own
+# earlier answers; FastChat's answer format
+
+MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1,
+                         "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0}
+
+def category_temperatures(cfg):
+    """-> a function: category -> temperature (MT-bench's, then --category-temperature)."""
+    if cfg.category_temperature == "off":
+        return lambda category: cfg.temperature
+    table = dict(MT_BENCH_TEMPERATURES)
+    for item in filter(None, cfg.category_temperature.split(",")):
+        name, _, value = item.partition("=")
+        try:
+            table[name.strip()] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: --category-temperature {item!r}: CATEGORY=T") from None
+    return lambda category: table.get(category, cfg.temperature)
+
+def sample_groups(sample_fn, prompts, n, rngs, temps):
+    """sample_fn over prompts that may differ in temperature: one call per temperature."""
+    out = [None] * len(prompts)
+    for t in sorted(set(temps)):
+        idx = [i for i, x in enumerate(temps) if x == t]
+        for i, res in zip(idx, sample_fn([prompts[i] for i in idx], n, [rngs[i] for i in idx], t)):
+            out[i] = res
+    return out
+
+def answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questions):
+    """The batch's questions, answered turn by turn: turn 1 from the question (n samples sharing
+    its prompt), turn k of each sample from that sample's own conversation. -> records in our
+    format (messages: sample 0's conversation up to the last question; responses: each sample's
+    last answer, all its turns in 'turns') and FastChat's (question_id, model_id, choices)."""
+    temp_of = category_temperatures(cfg)
+    qs = [questions[it["id"]] for it in batch]
+    temps = [temp_of(q.get("category")) for q in qs]
+    convs = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> messages so far
+    answers = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> response dicts
+    for k in range(max(len(q["turns"]) for q in qs)):
+        rows = [(i, j) for i, q in enumerate(qs) if k < len(q["turns"])
+                for j in range(cfg.n if k else 1)]  # turn 1: one prompt, n samples
+        prompts, rngs = [], []
+        for i, j in rows:
+            convs[i][j] += [{"role": "user", "content": qs[i]["turns"][k]}]
+            ids = batch[i]["ids"] if k == 0 else D.render(tok, convs[i][j], template, True)[0]
+            if len(ids) >= mcfg.max_position_embeddings:
+                raise D.DataError(f"question {batch[i]['id']}, turn {k + 1}: {len(ids)} tokens "
+                                  f"leave no room to answer (lower --max-new-tokens)")
+            prompts.append(ids)
+            rngs.append(rng_of(cfg, device, batch[i]["id"] if k == 0 else
+                               f"{batch[i]['id']}/turn{k + 1}/{j}"))
+        results = sample_groups(sample_fn, prompts, 1 if k else cfg.n, rngs,
+                                [temps[i] for i, _ in rows])
+        for (i, j), res in zip(rows, results):
+            for jj, r in (enumerate(res) if k == 0 else [(j, res[0])]):
+                r["truncated"] = r["finish_reason"] == "length"
+                answers[i][jj].append(r)
+                if k == 0 and jj:
+                    convs[i][jj] = list(convs[i][0])
+        for i, q in enumerate(qs):
+            for j in range(cfg.n):
+                if k < len(q["turns"]):
+                    convs[i][j] = convs[i][j] + [{"role": "assistant",
+                                                  "content": answers[i][j][k]["content"]}]
+    model_id = cfg.model_id or os.path.basename(os.path.normpath(cfg.model or M.default_model()))
+    recs = []
+    for it, q, conv, ans, t in zip(batch, qs, convs, answers, temps):
+        responses = [a[-1] | {"turns": a} for a in ans]
+        recs.append({"id": it["id"], "messages": conv[0][:-1], "responses": responses,
+                     "model": cfg.model or M.default_model(), "sampling": {"temperature": t},
+                     "question_id": q["question_id"], "category": q.get("category"),
+                     "turns": q["turns"], "model_id": model_id,
+                     "answer_id": hashlib.sha256(f"{model_id}:{it['id']}".encode()).hexdigest()[:22],
+                     "choices": [{"index": j, "turns": [r["content"] for r in a]}
+                                 for j, a in enumerate(ans)], "tstamp": time.time()}
+                    | ({"reference": q["reference"]} if "reference" in q else {}))
+    return recs
+
+# -------------------------------------------------------------------------------------------------
 
 def load_engine(cfg, device, dtype):
     """-> (sample_fn(prompts, n, rngs), tokenizer, template, model config)."""
@@ -196,10 +297,11 @@ def load_engine(cfg, device, dtype):
         llm = LLM(model=hf_path, dtype=str(dtype).removeprefix("torch."), seed=cfg.seed)
     template = D.get_template(saved, cfg.template)
     eos = D.stop_ids(tok, template, mcfg.eos_token_id)
-    def sample_fn(prompts, n, rngs):
+    def sample_fn(prompts, n, rngs, temperature=None):
+        c = cfg if temperature is None else dataclasses.replace(cfg, temperature=temperature)
         if cfg.engine == "ours":
-            return sample_ours(model, tok, eos, cfg, prompts, n, rngs)
-        return sample_vllm(llm, eos, cfg, prompts, n, rngs)
+            return sample_ours(model, tok, eos, c, prompts, n, rngs)
+        return sample_vllm(llm, eos, c, prompts, n, rngs)
     return sample_fn, tok, template, mcfg
 
 def run(argv=None):
@@ -215,7 +317,9 @@ def run(argv=None):
         raise SystemExit(f"error: {e}")
     if cfg.engine not in ("ours", "vllm"):
         raise SystemExit(f"error: --engine {cfg.engine!r}: ours or vllm")
-    prompts = load_prompts(cfg)
+    prompts, questions = load_prompts(cfg)
+    if questions and (cfg.reward_model or cfg.unique):
+        raise SystemExit("error: MT-bench questions take no --reward-model or --unique")
     # gloo just for barriers and the final sum, with room for ranks that finish hours apart
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
@@ -255,9 +359,13 @@ def run(argv=None):
                desc=f"sample (rank 0 of {world})" if world > 1 else "sample")
     t0, ntok = time.time(), 0
     for batch in batches(items, cfg):
-        rngs = [rng_of(cfg, device, it["id"]) for it in batch]
-        results = sample_fn([it["ids"] for it in batch], cfg.n, rngs)
-        recs = []
+        if questions:  # MT-bench: every turn of each question, in its own loop
+            recs = [r | {"sampling": sampling | r["sampling"]} for r in
+                    answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questions)]
+            results = []
+        else:
+            rngs = [rng_of(cfg, device, it["id"]) for it in batch]
+            results, recs = sample_fn([it["ids"] for it in batch], cfg.n, rngs), []
         for it, res in zip(batch, results):
             recs.append({"id": it["id"], "messages": it["messages"], "responses": res,
                          "model": cfg.model or M.default_model(), "sampling": sampling})
@@ -267,6 +375,7 @@ def run(argv=None):
                 tries = cfg.unique_tries if cfg.temperature > 0 else 0
                 recs[-1]["duplicates"] = dedupe(res, resample, tries)
         flat = [x for r in recs for x in r["responses"]]
+        flat += [t for r in recs for x in r["responses"] for t in x.get("turns", [])[:-1]]
         for x in flat:  # cut at --max-new-tokens: never finished, so scored without an EOS
             x["truncated"] = x["finish_reason"] == "length"
         if cfg.reward_model:  # every response of the batch in packed RM forwards
