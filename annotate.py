@@ -1,7 +1,9 @@
 """
-LLM-as-judge over the OpenAI API: response pairs -> Xwin-Pair preference pairs, and win rates.
-Both orders are judged (judges favour a position); --a/--b: two models' outputs, matched by id;
---report OUT: B's AlpacaEval-style win rate. The key comes from OPENAI_API_KEY only (Azure:
+LLM-as-judge over the OpenAI API. Pairwise (the default): response pairs -> Xwin-Pair preference
+pairs, both orders judged (judges favour a position); --a/--b: two models' outputs, matched by id
+(AlpacaEval's JSON files too). --mode single: MT-bench, each answer's turns graded 1-10.
+--report OUT...: B's win rate with its length-controlled one (AlpacaEval 2.0), or the MT-bench
+table of graded files side by side. The key comes from OPENAI_API_KEY only (Azure:
 --base-url https://RESOURCE.openai.azure.com/openai/v1/, the deployment as --judge-model).
 """
 import email.utils, json, math, os, random, re, sys, threading, time
@@ -9,10 +11,13 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, asdict
 import data as D
+import scores as S
 
 @dataclass
 class AnnotateConfig:
-    data: list = field(default_factory=list)  # pairs to judge, JSONL: {id, messages, responses}
+    mode: str = "pair"  # pair: which of two responses is better; single: MT-bench grades 1-10
+    data: list = field(default_factory=list)  # pairs to judge, JSONL: {id, messages, responses};
+        # --mode single: answers (sample.py's MT-bench records, or FastChat's model_answer files)
     a: str = ""  # instead of --data: outputs of model A (JSONL), matched by id with --b
     b: str = ""  # outputs of model B
     out: str = "xwin_pair.jsonl"  # judged pairs (appended; a rerun resumes); see OUT.other.jsonl
@@ -32,7 +37,13 @@ class AnnotateConfig:
     skip_bad: bool = False  # skip (and count) malformed input records instead of stopping
     price_in: float = 0.0  # $ per million prompt tokens, for a cost estimate
     price_out: float = 0.0  # $ per million completion tokens
-    report: str = ""  # print the win-rate report of this judged file (an --out) and exit
+    questions: str = ""  # --mode single: MT-bench's question.jsonl, for answers without their
+        # questions (FastChat's model_answer files)
+    references: str = ""  # --mode single: reference answers (FastChat's reference_answer/X.jsonl)
+        # for math, reasoning and coding; else a question's own 'reference' when it has one
+    judge_prompts: str = ""  # --mode single: FastChat's judge_prompts.jsonl instead of our prompts
+    report: list = field(default_factory=list)  # print the report of judged or graded files (an
+        # --out each) and exit: win rates; MT-bench tables side by side
     seed: int = 1337  # backoff jitter
 
 # ---- The judging prompts: edit freely, but keep the verdict format in step with VERDICTS below.
@@ -108,11 +119,10 @@ def read_pairs(cfg, paths, n):
     out, skipped = {}, 0
     for where, rec in D.read_records(paths):
         try:
+            if "messages" not in rec and isinstance(rec.get("instruction"), str):
+                rec = D.alpaca_record(rec)
             if not isinstance(rid := rec.get("id"), str) or not rid:
                 raise D.DataError(f"{where}: needs a string 'id'")
-            if "messages" not in rec and isinstance(rec.get("instruction"), str):
-                text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-                rec = rec | {"messages": [{"role": "user", "content": text}]}
             msgs = D.get_messages(rec, where, prompt=True)
             rs = rec.get("responses", [rec["output"]] if "output" in rec else None)
             rs = [r.get("content") if isinstance(r, dict) else r
@@ -123,7 +133,9 @@ def read_pairs(cfg, paths, n):
                                   "{'content': ...})")
             if rid in out:
                 raise D.DataError(f"{where}: duplicate id {rid!r}")
-            out[rid] = {"id": rid, "messages": msgs, "responses": rs}
+            out[rid] = {"id": rid, "messages": msgs, "responses": rs} | (
+                {"instruction_difficulty": d}  # AlpacaEval's, for the LC win rate's fit
+                if isinstance(d := rec.get("instruction_difficulty"), (int, float)) else {})
         except D.DataError:
             if not cfg.skip_bad:
                 raise
@@ -142,6 +154,126 @@ def load_pairs(cfg):
     if len(both) < max(len(a), len(b)):
         log(f"{len(a) - len(both)} ids only in --a, {len(b) - len(both)} only in --b: not judged")
     return [a[i] | {"responses": a[i]["responses"] + b[i]["responses"]} for i in both]
+
+# ---- MT-bench: single-answer grading, 1-10, of each turn; the second turn is graded with the whole
+# conversation in view; math, reasoning and coding against a reference answer when there is one.
+# The prompts are in the shape of FastChat's judge_prompts.jsonl, with its placeholders, so that
+# --judge-prompts FILE swaps FastChat's in (for scores comparable with published ones).
+NEED_REF = ("math", "reasoning", "coding")
+GRADE_SYSTEM = ("You are a careful, impartial grader of AI assistant answers. You grade one answer "
+                "at a time on a scale of 1 to 10.")
+GRADE_HOW = ("Grade on a scale of 1 to 10: 1 for an answer that is useless, wrong or harmful, 10 "
+             "for one an expert could not improve. Weigh correctness, helpfulness, relevance, how "
+             "well the instructions are followed, depth and clarity. Length is no merit in itself:"
+             " more text earns a higher grade only when the extra content helps. ")
+GRADE_REF = ("A reference answer is given; take it as correct. Compare the assistant's answer "
+             "with it first: a wrong result earns at most 3, however well it is written. ")
+GRADE_TAIL = ("Explain your grade briefly (at most five sentences), then end with a last line in "
+              "exactly this format, N a whole number from 1 to 10:\nRating: [[N]]")
+ONE = "<question>\n{question}\n</question>\n\n<answer>\n{answer}\n</answer>\n\n"
+ONE_REF = "<reference answer>\n{ref_answer_1}\n</reference answer>\n\n"
+TWO = ("<conversation>\n[User]\n{question_1}\n\n[Assistant]\n{answer_1}\n\n[User]\n"
+       "{question_2}\n\n[Assistant]\n{answer_2}\n</conversation>\n\n")
+TWO_REF = ("<reference answers>\n[to the first message]\n{ref_answer_1}\n\n[to the second "
+           "message]\n{ref_answer_2}\n</reference answers>\n\n")
+SECOND = "Grade only the assistant's second answer; the first exchange is its context. "
+GRADE_PROMPTS = {  # (with a reference, multi-turn) -> FastChat's fields
+    (False, False): dict(name="single", prompt_template=GRADE_HOW + "\n\n" + ONE + GRADE_TAIL),
+    (True, False): dict(name="single-ref",
+                        prompt_template=GRADE_HOW + GRADE_REF + "\n\n" + ONE + ONE_REF + GRADE_TAIL),
+    (False, True): dict(name="single-multi-turn",
+                        prompt_template=GRADE_HOW + SECOND + "\n\n" + TWO + GRADE_TAIL),
+    (True, True): dict(name="single-ref-multi-turn", prompt_template=GRADE_HOW + SECOND + GRADE_REF
+                       + "\n\n" + TWO + TWO_REF + GRADE_TAIL),
+}
+GRADE_PROMPTS = {k: v | {"system_prompt": GRADE_SYSTEM} for k, v in GRADE_PROMPTS.items()}
+# --verdict logprobs: the rating alone, read as a distribution over 1..10 (G-Eval's scoring)
+RATE_ONLY = "Reply with the rating alone: a whole number from 1 to 10, nothing else."
+RATING_REMINDER = ("Your reply did not end with a rating in the required format. Reply with the "
+                   "rating line only, exactly like: Rating: [[5]]")
+
+def read_judge_prompts(path):
+    """FastChat's judge_prompts.jsonl -> {(ref, multi-turn): prompt}: its 'single' prompts, by
+    category (math: with a reference) and by whether the template holds a second turn."""
+    out = {}
+    for where, p in D.read_jsonl(path):
+        if p.get("type") != "single":
+            continue
+        if not all(isinstance(p.get(k), str) for k in ("name", "system_prompt", "prompt_template")):
+            raise D.DataError(f"{where}: a judge prompt needs name, system_prompt, prompt_template")
+        key = (p.get("category") == "math", "{answer_2}" in p["prompt_template"])
+        out.setdefault(key, p)
+    if missing := [k for k in GRADE_PROMPTS if k not in out]:
+        raise D.DataError(f"{path}:0: no 'single' prompt for (reference, multi-turn) {missing}")
+    return out
+
+def parse_rating(text):
+    """The last [[N]] in text (N a number from 1 to 10) as a float, or None."""
+    found = re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", text or "")
+    score = float(found[-1]) if found else None
+    return score if score is not None and 1 <= score <= 10 else None
+
+def rating_of(first, second=None):
+    """--verdict logprobs: {rating: probability} from the top logprobs of the reply's first token
+    (and, when that token is "1", of the second: a tokenizer that splits digits writes 10 as "1"
+    "0"). -> (probabilities of 1..10 renormalized, their mean): G-Eval's probability-weighted
+    score. When the first token is not "1", the chance of a "0" after a "1" is unseen: counted 1."""
+    p = dict.fromkeys(range(1, 11), 0.0)
+    for tok, prob in first.items():
+        if tok.strip().isdigit() and 1 <= int(tok.strip()) <= 10:
+            p[int(tok.strip())] += prob
+    if second is not None:
+        zero = sum(v for t, v in second.items() if t.strip() == "0")
+        p[10], p[1] = p[10] + p[1] * zero, p[1] * (1 - zero)
+    total = sum(p.values())
+    if not total > 0:
+        return None, None
+    p = {k: v / total for k, v in p.items()}
+    return p, sum(k * v for k, v in p.items())
+
+def read_answers(cfg):
+    """--mode single: each answer's turns to grade -> [{id, model, question_id, category, turn,
+    fields (the prompt's placeholders), ref}]. Questions come with the answer (sample.py's records)
+    or from --questions; reference answers from --references or the question."""
+    index = lambda path: {str(r.get("question_id")): (w, r) for w, r in D.read_records([path])}
+    questions = index(cfg.questions) if cfg.questions else {}
+    refs = index(cfg.references) if cfg.references else {}
+    items, seen = [], set()
+    for where, rec in D.read_records(cfg.data):
+        qid, model = rec.get("question_id"), rec.get("model_id")
+        if qid is None or not isinstance(model, str):
+            raise D.DataError(f"{where}: an MT-bench answer needs question_id and model_id")
+        q = rec if isinstance(rec.get("turns"), list) else questions.get(str(qid), (0, None))[1]
+        if q is None:
+            raise D.DataError(f"{where}: question {qid} is not in the record: give --questions "
+                              "question.jsonl" + (f" (it has no {qid})" if cfg.questions else ""))
+        answers = answer_turns(rec, where)
+        ref = None
+        if q.get("category") in NEED_REF and str(qid) in refs:
+            ref = answer_turns(refs[str(qid)][1], refs[str(qid)][0])
+        elif q.get("category") in NEED_REF and isinstance(q.get("reference"), list):
+            ref = q["reference"]
+        f = {"question": q["turns"][0], "answer": answers[0]}
+        f |= {f"question_{k + 1}": t for k, t in enumerate(q["turns"])}
+        f |= {f"answer_{k + 1}": t for k, t in enumerate(answers)}
+        f |= {f"ref_answer_{k + 1}": t for k, t in enumerate(ref or [])}
+        for turn in range(1, min(2, len(q["turns"]), len(answers)) + 1):
+            rid = f"{model}/{qid}/{turn}"
+            if rid in seen:
+                raise D.DataError(f"{where}: a second answer of {model} to question {qid}")
+            seen.add(rid)
+            items.append({"id": rid, "model": model, "question_id": qid, "turn": turn,
+                          "category": q.get("category"), "fields": f, "ref": bool(ref)})
+    return items
+
+def answer_turns(rec, where):
+    """The turns of an answer in FastChat's format (its first choice)."""
+    try:
+        turns = rec["choices"][0]["turns"]
+        assert isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)
+    except (KeyError, IndexError, TypeError, AssertionError):
+        raise D.DataError(f"{where}: needs choices: [{{index, turns: [strings]}}]") from None
+    return turns
 
 # ---- The judge: our own retry loop (the client's is off), so its behaviour is explicit
 class Failed(Exception):  # this pair failed: recorded in OUT.other.jsonl, the run goes on
@@ -176,6 +308,7 @@ class Judge:
         self.client = openai.OpenAI(api_key=self.key, base_url=base or None, max_retries=0,
                                     timeout=cfg.timeout)
         self.usage, self.rng = Counter(), random.Random(cfg.seed)
+        self.prompts = read_judge_prompts(cfg.judge_prompts) if cfg.judge_prompts else GRADE_PROMPTS
 
     def ask(self, messages, **extra):
         """-> the reply's first choice (None if it has none). extra: request fields over ours."""
@@ -209,35 +342,42 @@ class Judge:
                 jitter = self.rng.uniform(0.5, 1.0)
             time.sleep(max(jitter * min(cfg.max_backoff, cfg.backoff * 2 ** (attempt - 1)), wait))
 
-    def verdict(self, messages):
+    def verdict(self, messages, parse=parse_verdict, reminder=REMINDER):
         """-> (score, rationale text). An unparseable reply gets one reminder of the format."""
         text = lambda c: (c.message.content or "") if c is not None else ""
         first = text(self.ask(messages))
-        if (score := parse_verdict(first)) is not None:
+        if (score := parse(first)) is not None:
             return score, first
         again = text(self.ask(messages + [{"role": "assistant", "content": first},
-                                          {"role": "user", "content": REMINDER}]))
-        if (score := parse_verdict(again)) is None:
+                                          {"role": "user", "content": reminder}]))
+        if (score := parse(again)) is None:
             raise Failed(f"unparseable judge reply: {first!r}; after a reminder: {again!r}")
         return score, f"{first}\n{again}"
 
+    def top_tokens(self, messages, n):
+        """-> the reply's first n tokens, each (token, {token: probability} from its
+        top_logprobs, the token alone if the server sent none), and the reply's logprobs."""
+        choice = self.ask(messages, max_tokens=n, temperature=0.0, logprobs=True, top_logprobs=20)
+        lps = choice and choice.logprobs
+        return [(h.token, {t.token: math.exp(t.logprob) for t in (h.top_logprobs or [h])})
+                for h in (lps.content or [] if lps else [])], lps
+
     def letters(self, messages):
         """-> {"A": P(A), "B": P(B)} from a one-token answer's top_logprobs ("A", " a": both A)."""
-        choice = self.ask(messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20)
-        head = lps.content[0] if (lps := choice and choice.logprobs) and lps.content else None
-        top = head.top_logprobs if head else []
-        p = {k: sum((math.exp(t.logprob) for t in ((top or [head]) if head else [])
-                     if t.token.strip().upper() == k), 0.0) for k in "AB"}
+        heads, lps = self.top_tokens(messages, 1)
+        top = heads[0][1] if heads else {}
+        p = {k: sum(v for t, v in top.items() if t.strip().upper() == k) for k in "AB"}
         if not p["A"] + p["B"] > 0:
             raise Failed(f"neither A nor B among the judge's likeliest first tokens: "
-                         f"{[t.token for t in top]!r}"
+                         f"{list(top)!r}"
                          + ("" if lps else " (the server returned no logprobs)"))
         return p
 
     def pair(self, p):
         """One pair, judged in both orders (AB: the first shown as A; BA) -> (status, record)."""
         (a, b), msgs, cfg = p["responses"], p["messages"], self.cfg
-        rec, both = {"id": p["id"], "messages": msgs}, ((a, b), (b, a))  # the two orders
+        rec = {k: p[k] for k in ("id", "messages", "instruction_difficulty") if k in p}
+        both = ((a, b), (b, a))  # the two orders
         try:
             if a == b:  # nothing to judge
                 status, strength, judge = "tie", 0.0, {"winner": "tie", "identical": True}
@@ -264,47 +404,95 @@ class Judge:
         chosen, rejected = (a, b) if judge["winner"] == "A" else (b, a)
         return status, rec | dict(chosen=chosen, rejected=rejected, strength=strength, judge=judge)
 
-# ---- Report: AlpacaEval-style win rate of B over A (ties count half), with its standard error
+    def grade(self, item):
+        """One turn of an MT-bench answer, graded 1-10 -> (status, record): FastChat's judgment
+        fields (question_id, model, judge [model, prompt], user_prompt, judgment, score, turn)."""
+        cfg, turn = self.cfg, item["turn"]
+        prompt = self.prompts[(item["ref"], turn == 2)]
+        rec = {k: item[k] for k in ("id", "question_id", "model", "turn", "category")}
+        rec["judge"] = [cfg.judge_model, prompt["name"]]
+        try:
+            user = prompt["prompt_template"].format(**item["fields"])
+            if cfg.verdict == "logprobs":
+                user += "\n\n" + RATE_ONLY
+            messages = [{"role": "system", "content": prompt["system_prompt"]},
+                        {"role": "user", "content": user}]
+            if cfg.verdict == "logprobs":
+                heads, lps = self.top_tokens(messages, 2)
+                first = heads[0][1] if heads else {}
+                one = len(heads) > 1 and heads[0][0].strip() == "1"  # then "10" may be "1" "0"
+                probs, score = rating_of(first, heads[1][1] if one else None)
+                if probs is None:
+                    raise Failed(f"no rating 1-10 among the judge's likeliest first tokens: "
+                                 f"{list(first)!r}" + ("" if lps else " (no logprobs returned)"))
+                rec |= {"rating_probs": {str(k): v for k, v in probs.items()}, "judgment": ""}
+            else:
+                score, rec["judgment"] = self.verdict(messages, parse_rating, RATING_REMINDER)
+        except Exception as e:  # recorded, never lost: the run goes on with the other answers
+            msg = str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}"
+            return "failed", rec | {"status": "failed", "error": redact(msg, self.key)}
+        return "judged", rec | {"user_prompt": user, "score": score, "verdict": cfg.verdict,
+                                "tstamp": time.time()}
+
+# ---- Report: B's win rate over A, raw and length-controlled; MT-bench tables of graded files
 def other_path(out):
     return (out[:-6] if out.endswith(".jsonl") else out) + ".other.jsonl"
 
-def report(out, show=False):
+def judged_records(out):
+    """An --out and its side file -> their records, one per id."""
+    if not os.path.exists(out):
+        raise D.DataError(f"{out}:0: no such file")
     recs = {}
     for path in (out, other_path(out)):  # a retry's record supersedes the failure
         for _, r in D.read_jsonl(path) if os.path.exists(path) and os.path.getsize(path) else ():
             if r.get("status") != "failed" or r["id"] not in recs:
                 recs[r["id"]] = r
-    if not os.path.exists(out):
-        raise D.DataError(f"{out}:0: no such file")
-    status = Counter(r.get("status") for r in recs.values())
-    judges = [r.get("judge") or {} for r in recs.values()]
-    both = [bool(j["consistent"]) for j in judges if "consistent" in j]
-    won = [j.get("winner", "tie") for r, j in zip(recs.values(), judges)
-           if r.get("status") not in ("inconsistent", "failed")]
-    x = [{"A": 0.0, "tie": 0.5, "B": 1.0}[w] for w in won]
-    n, mean = len(x), sum(x) / len(x) if x else float("nan")
-    se = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1) / n) if n > 1 else float("nan")
-    r = dict(n=n, win_rate=100 * mean, standard_error=100 * se, wins_b=won.count("B"),
-             wins_a=won.count("A"), ties=won.count("tie"),
-             inconsistent_dropped=status["inconsistent"], failed=status["failed"],
-             swap_consistency=100 * sum(both) / len(both) if both else float("nan"))
+    return list(recs.values())
+
+def report(out, show=False):
+    """A pairwise --out: B's AlpacaEval-style win rate over A (ties count half) with its standard
+    error, and its length-controlled win rate (scores.lc_win_rate) with a bootstrap one."""
+    r = S.win_rate(judged_records(out))
     if show:
         print("{out}: {n} pairs judged (B wins {wins_b}, ties {ties}, A wins {wins_a}); "
               "{inconsistent_dropped} inconsistent dropped, {failed} failed\nwin rate of B over "
               "A: {win_rate:.2f}% ± {standard_error:.2f} (standard error; ties count half)\nswap "
               "consistency: {swap_consistency:.1f}% (same verdict with the replies in either "
               "order)".format(out=out, **r))
+    if show and "lc_win_rate" in r:
+        print("length-controlled win rate of B: {lc_win_rate:.2f}% ± {lc_standard_error:.2f} "
+              "(bootstrap standard error; length coefficient {length_coef:.2f}{term})\naverage "
+              "length (characters): A {avg_len_a:.0f}, B {avg_len_b:.0f}".format(
+                  term=", with the instruction term" * r["lc_instruction_term"], **r))
     return r
+
+def report_files(paths):
+    """--report: each pairwise file's win rates; the graded files' MT-bench table, one column per
+    model (files side by side, or several models in one file). -> the numbers."""
+    graded, out = {}, {}
+    for path in paths:
+        recs = judged_records(path)
+        if not any("turn" in r for r in recs):
+            out[path] = report(path, show=True)
+            continue
+        for model, numbers in S.mtbench(recs).items():
+            graded[f"{model} ({path})" if model in graded else model] = numbers
+    if graded:
+        print(S.mtbench_table(graded))
+    return out | graded
 
 def run():
     cfg = D.parse_config(AnnotateConfig)
     if cfg.report:
-        return report(cfg.report, show=True)
-    for name, ok in (("inconsistent", ("tie", "drop")), ("verdict", ("text", "logprobs"))):
+        return report_files(cfg.report)
+    for name, ok in (("inconsistent", ("tie", "drop")), ("verdict", ("text", "logprobs")),
+                     ("mode", ("pair", "single"))):
         if getattr(cfg, name) not in ok:
             raise SystemExit(f"error: --{name} must be {' or '.join(ok)}")
     log(json.dumps(asdict(cfg)))
-    pairs, other = load_pairs(cfg), other_path(cfg.out)
+    single = cfg.mode == "single"
+    items, other = read_answers(cfg) if single else load_pairs(cfg), other_path(cfg.out)
+    what = "answer turns" if single else "pairs"
     done, done_other = D.truncate_torn(cfg.out), D.truncate_torn(other)
     rest = [r for _, r in D.read_jsonl(other)] if done_other else []
     failed = {r["id"] for r in rest if r.get("status") == "failed"}
@@ -312,19 +500,20 @@ def run():
         D.write_jsonl_atomic(other, [r for r in rest if r.get("status") != "failed"])
         done_other -= failed
     elif failed:
-        log(f"{len(failed)} pairs failed in an earlier run: skipped (--retry-failed redoes them)")
-    todo = [p for p in pairs if p["id"] not in done | done_other]
-    log(f"{len(pairs)} pairs, {len(pairs) - len(todo)} already done, {len(todo)} to judge with "
+        log(f"{len(failed)} {what} failed in an earlier run: skipped (--retry-failed redoes them)")
+    todo = [p for p in items if p["id"] not in done | done_other]
+    log(f"{len(items)} {what}, {len(items) - len(todo)} already done, {len(todo)} to judge with "
         f"{cfg.judge_model}")
     if not todo:
-        return report(cfg.out, show=True)
+        return report_files([cfg.out])
     judge, counts = Judge(cfg), dict.fromkeys(("judged", "tie", "inconsistent", "failed"), 0)
     from tqdm import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     for path in (cfg.out, other):
         D.append_jsonl(path, [])  # both files exist, even when empty
     with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
-        bar = tqdm(as_completed([pool.submit(judge.pair, p) for p in todo]), total=len(todo),
+        work = judge.grade if single else judge.pair
+        bar = tqdm(as_completed([pool.submit(work, p) for p in todo]), total=len(todo),
                    desc="judge", dynamic_ncols=True, file=sys.stderr)
         try:
             for fut in bar:
@@ -332,19 +521,19 @@ def run():
                 D.append_jsonl(cfg.out if status == "judged" else other, [rec])
                 counts[status] += 1
                 bar.set_postfix(counts)
-        except (Fatal, KeyboardInterrupt) as e:  # stop now: in-flight pairs are redone on a rerun
+        except (Fatal, KeyboardInterrupt) as e:  # stop now: in-flight items are redone on a rerun
             bar.close()
             fatal = isinstance(e, Fatal)
             log(f"error: {e}" if fatal else "interrupted: rerun the same command to resume")
             os._exit(1 if fatal else 130)  # don't wait for the workers' requests
     u = judge.usage
     cost = (u["prompt_tokens"] * cfg.price_in + u["completion_tokens"] * cfg.price_out) / 1e6
-    log(f"done: {counts['judged']} judged pairs -> {cfg.out}; {counts['tie']} ties, "
+    log(f"done: {counts['judged']} judged {what} -> {cfg.out}; {counts['tie']} ties, "
         f"{counts['inconsistent']} inconsistent, {counts['failed']} failed -> {other}")
     log(f"judge usage: {u['requests']} requests ({u['retries']} retries), {u['prompt_tokens']} "
         f"prompt + {u['completion_tokens']} completion tokens"
         + (f", estimated cost ${cost:.4f}" if cfg.price_in or cfg.price_out else ""))
-    report(cfg.out, show=True)
+    return report_files([cfg.out])
 
 if __name__ == "__main__":
     D.run_main(run)

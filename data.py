@@ -4,7 +4,7 @@ conversations (ours or ShareGPT's), the chat templates that render a conversatio
 a loss mask, packing and token-budget batches, resume helpers, and the dataclass -> command-line
 config. No torch at import time: annotate.py, an HTTP client, loads this file alone.
 """
-import argparse, dataclasses, functools, inspect, json, math, os, random, re, sys
+import argparse, dataclasses, functools, hashlib, inspect, json, math, os, random, re, sys
 
 class DataError(ValueError):
     """Bad input: the message starts with 'file:line:'; run_main prints it without a traceback."""
@@ -107,6 +107,14 @@ def get_messages(rec, where, prompt=False):
     except ValueError as e:
         raise DataError(f"{where}: {e}") from None
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+def alpaca_record(rec):
+    """AlpacaEval's {"instruction", "input"?, "output"?, "generator", "dataset"} as ours: messages,
+    and an id made from the instruction (its files have none), the same on both sides of a
+    comparison, so --a alpaca_eval.json --b ours.json match by instruction."""
+    text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+    rid = rec.get("id") or "alpaca-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return rec | {"id": rid, "messages": [{"role": "user", "content": text}]}
 
 def load_dataset_records(name, split="train"):
     """A Hub dataset, a folder written by save_to_disk, or a folder of .json/.jsonl/.parquet files

@@ -64,7 +64,9 @@ class Config:
     category_temperature: str = ""  # MT-bench questions: CATEGORY=T,... over MT-bench's own
         # temperatures (writing, roleplay 0.7; stem, humanities 0.1; extraction, math, coding,
         # reasoning 0); other categories take --temperature; "off": --temperature for all
-    model_id: str = ""  # MT-bench answers: the model_id written (default: the model's name)
+    model_id: str = ""  # the model's name in MT-bench and AlpacaEval outputs (default: its folder's)
+    alpaca_eval: str = ""  # also write each prompt's first response as AlpacaEval's model outputs
+        # to this file: a JSON array of {instruction, output, generator, dataset}
 
 # -------------------------------------------------------------------------------------------------
 # Data: prompts checked up front, so a bad line stops the run before any model is loaded
@@ -74,6 +76,8 @@ def load_prompts(cfg):
     its first turn."""
     prompts, seen, questions = [], set(), {}
     for where, rec in D.read_records(cfg.data, cfg.split):
+        if "messages" not in rec and isinstance(rec.get("instruction"), str):
+            rec = D.alpaca_record(rec)  # AlpacaEval's evaluation set
         rid = rec.get("id", rec.get("prompt_id", rec.get("question_id")))
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise D.DataError(f"{where}: a prompt needs an 'id' (string)")
@@ -264,7 +268,7 @@ def answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questio
                 if k < len(q["turns"]):
                     convs[i][j] = convs[i][j] + [{"role": "assistant",
                                                   "content": answers[i][j][k]["content"]}]
-    model_id = cfg.model_id or os.path.basename(os.path.normpath(cfg.model or M.default_model()))
+    model_id = model_name(cfg)
     recs = []
     for it, q, conv, ans, t in zip(batch, qs, convs, answers, temps):
         responses = [a[-1] | {"turns": a} for a in ans]
@@ -277,6 +281,27 @@ def answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questio
                                  for j, a in enumerate(ans)], "tstamp": time.time()}
                     | ({"reference": q["reference"]} if "reference" in q else {}))
     return recs
+
+def model_name(cfg):
+    return cfg.model_id or os.path.basename(os.path.normpath(cfg.model or M.default_model()))
+
+def write_alpaca_eval(cfg):
+    """--alpaca-eval FILE: OUT's first responses in AlpacaEval's shape, instructions and datasets
+    from the input prompts (whole, so it lists a resumed run's earlier records too)."""
+    answers = {r["id"]: r["responses"][0]["content"] for _, r in D.read_jsonl(cfg.out)}
+    out = []
+    for where, rec in D.read_records(cfg.data, cfg.split):
+        if "messages" not in rec and isinstance(rec.get("instruction"), str):
+            rec = D.alpaca_record(rec)
+        rid = str(rec.get("id", rec.get("prompt_id", rec.get("question_id"))))
+        if rid in answers:
+            text = rec.get("instruction") or D.get_messages(rec, where, prompt=True)[-1]["content"]
+            out.append({"instruction": text, "output": answers[rid], "generator": model_name(cfg),
+                        "dataset": rec.get("dataset", "")})
+    with open(cfg.alpaca_eval + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(out, f, ensure_ascii=False, indent=2)
+    os.replace(cfg.alpaca_eval + ".tmp", cfg.alpaca_eval)
+    print(f"{len(out)} outputs in AlpacaEval's format -> {cfg.alpaca_eval}")
 
 # -------------------------------------------------------------------------------------------------
 
@@ -397,6 +422,8 @@ def run(argv=None):
     tokens, sampled = counts.tolist()
     if rank == 0:
         merge(cfg.out)
+        if cfg.alpaca_eval:
+            write_alpaca_eval(cfg)
         print(f"sampled {int(sampled)} prompts ({len(prompts) - int(sampled)} were done already), "
               f"{int(tokens)} tokens in {dt:.1f}s: {tokens / max(dt, 1e-9):.1f} tokens/s over "
               f"{world} rank(s); peak memory {M.peak_memory_gb(device):.2f} GB (rank 0) "
