@@ -296,8 +296,9 @@ def write_alpaca_eval(cfg):
         rid = str(rec.get("id", rec.get("prompt_id", rec.get("question_id"))))
         if rid in answers:
             text = rec.get("instruction") or D.get_messages(rec, where, prompt=True)[-1]["content"]
-            out.append({"instruction": text, "output": answers[rid], "generator": model_name(cfg),
-                        "dataset": rec.get("dataset", "")})
+            out.append({"instruction": text} | ({"input": rec["input"]} if rec.get("input") else {})
+                       | {"output": answers[rid], "generator": model_name(cfg),
+                          "dataset": rec.get("dataset", "")})
     with open(cfg.alpaca_eval + ".tmp", "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=2)
     os.replace(cfg.alpaca_eval + ".tmp", cfg.alpaca_eval)

@@ -455,3 +455,32 @@ def test_logistic_fit_matches_known_coefficients():
     assert np.allclose(S.fit_logistic(X, y, l2=0.0), w, atol=0.08)
     sep = S.fit_logistic(X[:200], (X[:200, 1] > 0).astype(float))  # separable: finite, the right sign
     assert np.all(np.isfinite(sep)) and sep[1] > 5
+
+# ---- The files people have: AlpacaEval's JSON array as --a, a folder of parquet files as --b
+def test_alpaca_eval_array_and_parquet_folder(tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    qs = ["Name a fruit.", "Say hi, [politely]."]
+    ref = [{"instruction": q, "output": f"ref ans-e{i}-a", "generator": "gpt4_1106_preview", "dataset": "helpful_base"}
+           for i, q in enumerate(qs)]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(ref, indent=4))
+    ours = [{"instruction": q, "output": f"ours ans-e{i}-b", "generator": "mine", "dataset": "helpful_base"}
+            for i, q in reversed(list(enumerate(qs)))]
+    (tmp_path / "ours").mkdir()
+    datasets.Dataset.from_list(ours).to_parquet(str(tmp_path / "ours" / "train.parquet"))
+    judge = Judge({("e0", "a"): [ok("A better")], ("e0", "b"): [ok("B better")],
+                   ("e1", "a"): [ok("B better")], ("e1", "b"): [ok("A much better")]})
+    out = str(tmp_path / "win.jsonl")
+    try:
+        run_annotate(monkeypatch, "--a", str(tmp_path / "alpaca_eval.json"), "--b", str(tmp_path / "ours"), "--out", out,
+                     "--base-url", judge.url, "--backoff", "0.01")
+    finally:
+        judge.close()
+    got = {r["messages"][0]["content"]: r["chosen"] for r in read(out)}
+    assert got == {"Name a fruit.": "ref ans-e0-a", "Say hi, [politely].": "ours ans-e1-b"}
+    assert A.report(out)["win_rate"] == pytest.approx(50.0)
+    bad = ref + [{"instruction": "x", "output": ["not", "a string"]}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    p = run_script("annotate.py", "--a", str(tmp_path / "bad.json"), "--b", str(tmp_path / "alpaca_eval.json"),
+                   "--out", str(tmp_path / "o.jsonl"), check=False)
+    assert p.returncode == 2 and f"{tmp_path / 'bad.json'}[2]: 'responses' must list a response" in p.stderr, p.stderr

@@ -270,3 +270,21 @@ def test_mtbench_two_turns(tmp_path, tiny_chatml, monkeypatch):
                *map(str, flags), nproc=2)
     two = {r["id"]: r for r in read(tmp_path / "t.jsonl")}
     assert sorted(two) == sorted(recs) and all(two[i]["choices"] == recs[i]["choices"] for i in recs)
+
+def test_alpaca_eval_files(tmp_path, tiny_chatml):
+    """AlpacaEval's evaluation set in (a JSON array), ours out in the same shape: annotate.py matches the two."""
+    import annotate
+    evalset = [{"instruction": "tell me about the fox", "output": "ref one", "generator": "gpt4", "dataset": "koala"},
+               {"instruction": "what city", "input": "paris or rome", "output": "ref two", "generator": "gpt4", "dataset": "oasst"}]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(evalset))
+    data, ours = str(tmp_path / "alpaca_eval.json"), str(tmp_path / "ours.json")
+    recs = sample_run(tiny_chatml, data, tmp_path / "o.jsonl", "--n", 1, "--max-new-tokens", 4, "--alpaca-eval", ours,
+                      "--model-id", "tiny")
+    assert recs[1]["messages"] == [{"role": "user", "content": "what city\n\nparis or rome"}]
+    out = json.load(open(ours))
+    assert [(o["instruction"], o["generator"], o["dataset"]) for o in out] == [
+        ("tell me about the fox", "tiny", "koala"), ("what city", "tiny", "oasst")]
+    assert [o["output"] for o in out] == [r["responses"][0]["content"] for r in recs]
+    cfg = annotate.AnnotateConfig()
+    a, b = annotate.read_pairs(cfg, [data], 1), annotate.read_pairs(cfg, [ours], 1)
+    assert sorted(a) == sorted(b) and len(a) == 2
