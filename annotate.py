@@ -11,6 +11,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, asdict
 import data as D
+import mtbench as MT
 import scores as S
 
 @dataclass
@@ -155,126 +156,6 @@ def load_pairs(cfg):
         log(f"{len(a) - len(both)} ids only in --a, {len(b) - len(both)} only in --b: not judged")
     return [a[i] | {"responses": a[i]["responses"] + b[i]["responses"]} for i in both]
 
-# ---- MT-bench: single-answer grading, 1-10, of each turn; the second turn is graded with the whole
-# conversation in view; math, reasoning and coding against a reference answer when there is one.
-# The prompts are in the shape of FastChat's judge_prompts.jsonl, with its placeholders, so that
-# --judge-prompts FILE swaps FastChat's in (for scores comparable with published ones).
-NEED_REF = ("math", "reasoning", "coding")
-GRADE_SYSTEM = ("You are a careful, impartial grader of AI assistant answers. You grade one answer "
-                "at a time on a scale of 1 to 10.")
-GRADE_HOW = ("Grade on a scale of 1 to 10: 1 for an answer that is useless, wrong or harmful, 10 "
-             "for one an expert could not improve. Weigh correctness, helpfulness, relevance, how "
-             "well the instructions are followed, depth and clarity. Length is no merit in itself:"
-             " more text earns a higher grade only when the extra content helps. ")
-GRADE_REF = ("A reference answer is given; take it as correct. Compare the assistant's answer "
-             "with it first: a wrong result earns at most 3, however well it is written. ")
-GRADE_TAIL = ("Explain your grade briefly (at most five sentences), then end with a last line in "
-              "exactly this format, N a whole number from 1 to 10:\nRating: [[N]]")
-ONE = "<question>\n{question}\n</question>\n\n<answer>\n{answer}\n</answer>\n\n"
-ONE_REF = "<reference answer>\n{ref_answer_1}\n</reference answer>\n\n"
-TWO = ("<conversation>\n[User]\n{question_1}\n\n[Assistant]\n{answer_1}\n\n[User]\n"
-       "{question_2}\n\n[Assistant]\n{answer_2}\n</conversation>\n\n")
-TWO_REF = ("<reference answers>\n[to the first message]\n{ref_answer_1}\n\n[to the second "
-           "message]\n{ref_answer_2}\n</reference answers>\n\n")
-SECOND = "Grade only the assistant's second answer; the first exchange is its context. "
-GRADE_PROMPTS = {  # (with a reference, multi-turn) -> FastChat's fields
-    (False, False): dict(name="single", prompt_template=GRADE_HOW + "\n\n" + ONE + GRADE_TAIL),
-    (True, False): dict(name="single-ref",
-                        prompt_template=GRADE_HOW + GRADE_REF + "\n\n" + ONE + ONE_REF + GRADE_TAIL),
-    (False, True): dict(name="single-multi-turn",
-                        prompt_template=GRADE_HOW + SECOND + "\n\n" + TWO + GRADE_TAIL),
-    (True, True): dict(name="single-ref-multi-turn", prompt_template=GRADE_HOW + SECOND + GRADE_REF
-                       + "\n\n" + TWO + TWO_REF + GRADE_TAIL),
-}
-GRADE_PROMPTS = {k: v | {"system_prompt": GRADE_SYSTEM} for k, v in GRADE_PROMPTS.items()}
-# --verdict logprobs: the rating alone, read as a distribution over 1..10 (G-Eval's scoring)
-RATE_ONLY = "Reply with the rating alone: a whole number from 1 to 10, nothing else."
-RATING_REMINDER = ("Your reply did not end with a rating in the required format. Reply with the "
-                   "rating line only, exactly like: Rating: [[5]]")
-
-def read_judge_prompts(path):
-    """FastChat's judge_prompts.jsonl -> {(ref, multi-turn): prompt}: its 'single' prompts, by
-    category (math: with a reference) and by whether the template holds a second turn."""
-    out = {}
-    for where, p in D.read_jsonl(path):
-        if p.get("type") != "single":
-            continue
-        if not all(isinstance(p.get(k), str) for k in ("name", "system_prompt", "prompt_template")):
-            raise D.DataError(f"{where}: a judge prompt needs name, system_prompt, prompt_template")
-        key = (p.get("category") == "math", "{answer_2}" in p["prompt_template"])
-        out.setdefault(key, p)
-    if missing := [k for k in GRADE_PROMPTS if k not in out]:
-        raise D.DataError(f"{path}:0: no 'single' prompt for (reference, multi-turn) {missing}")
-    return out
-
-def parse_rating(text):
-    """The last [[N]] in text (N a number from 1 to 10) as a float, or None."""
-    found = re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", text or "")
-    score = float(found[-1]) if found else None
-    return score if score is not None and 1 <= score <= 10 else None
-
-def rating_of(first, second=None):
-    """--verdict logprobs: {rating: probability} from the top logprobs of the reply's first token
-    (and, when that token is "1", of the second: a tokenizer that splits digits writes 10 as "1"
-    "0"). -> (probabilities of 1..10 renormalized, their mean): G-Eval's probability-weighted
-    score. When the first token is not "1", the chance of a "0" after a "1" is unseen: counted 1."""
-    p = dict.fromkeys(range(1, 11), 0.0)
-    for tok, prob in first.items():
-        if tok.strip().isdigit() and 1 <= int(tok.strip()) <= 10:
-            p[int(tok.strip())] += prob
-    if second is not None:
-        zero = sum(v for t, v in second.items() if t.strip() == "0")
-        p[10], p[1] = p[10] + p[1] * zero, p[1] * (1 - zero)
-    total = sum(p.values())
-    if not total > 0:
-        return None, None
-    p = {k: v / total for k, v in p.items()}
-    return p, sum(k * v for k, v in p.items())
-
-def read_answers(cfg):
-    """--mode single: each answer's turns to grade -> [{id, model, question_id, category, turn,
-    fields (the prompt's placeholders), ref}]. Questions come with the answer (sample.py's records)
-    or from --questions; reference answers from --references or the question."""
-    index = lambda path: {str(r.get("question_id")): (w, r) for w, r in D.read_records([path])}
-    questions = index(cfg.questions) if cfg.questions else {}
-    refs = index(cfg.references) if cfg.references else {}
-    items, seen = [], set()
-    for where, rec in D.read_records(cfg.data):
-        qid, model = rec.get("question_id"), rec.get("model_id")
-        if qid is None or not isinstance(model, str):
-            raise D.DataError(f"{where}: an MT-bench answer needs question_id and model_id")
-        q = rec if isinstance(rec.get("turns"), list) else questions.get(str(qid), (0, None))[1]
-        if q is None:
-            raise D.DataError(f"{where}: question {qid} is not in the record: give --questions "
-                              "question.jsonl" + (f" (it has no {qid})" if cfg.questions else ""))
-        answers = answer_turns(rec, where)
-        ref = None
-        if q.get("category") in NEED_REF and str(qid) in refs:
-            ref = answer_turns(refs[str(qid)][1], refs[str(qid)][0])
-        elif q.get("category") in NEED_REF and isinstance(q.get("reference"), list):
-            ref = q["reference"]
-        f = {"question": q["turns"][0], "answer": answers[0]}
-        f |= {f"question_{k + 1}": t for k, t in enumerate(q["turns"])}
-        f |= {f"answer_{k + 1}": t for k, t in enumerate(answers)}
-        f |= {f"ref_answer_{k + 1}": t for k, t in enumerate(ref or [])}
-        for turn in range(1, min(2, len(q["turns"]), len(answers)) + 1):
-            rid = f"{model}/{qid}/{turn}"
-            if rid in seen:
-                raise D.DataError(f"{where}: a second answer of {model} to question {qid}")
-            seen.add(rid)
-            items.append({"id": rid, "model": model, "question_id": qid, "turn": turn,
-                          "category": q.get("category"), "fields": f, "ref": bool(ref)})
-    return items
-
-def answer_turns(rec, where):
-    """The turns of an answer in FastChat's format (its first choice)."""
-    try:
-        turns = rec["choices"][0]["turns"]
-        assert isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)
-    except (KeyError, IndexError, TypeError, AssertionError):
-        raise D.DataError(f"{where}: needs choices: [{{index, turns: [strings]}}]") from None
-    return turns
-
 # ---- The judge: our own retry loop (the client's is off), so its behaviour is explicit
 class Failed(Exception):  # this pair failed: recorded in OUT.other.jsonl, the run goes on
     pass
@@ -308,7 +189,8 @@ class Judge:
         self.client = openai.OpenAI(api_key=self.key, base_url=base or None, max_retries=0,
                                     timeout=cfg.timeout)
         self.usage, self.rng = Counter(), random.Random(cfg.seed)
-        self.prompts = read_judge_prompts(cfg.judge_prompts) if cfg.judge_prompts else GRADE_PROMPTS
+        self.prompts = (MT.read_judge_prompts(cfg.judge_prompts) if cfg.judge_prompts else
+                        MT.GRADE_PROMPTS)
 
     def ask(self, messages, **extra):
         """-> the reply's first choice (None if it has none). extra: request fields over ours."""
@@ -414,20 +296,21 @@ class Judge:
         try:
             user = prompt["prompt_template"].format(**item["fields"])
             if cfg.verdict == "logprobs":
-                user += "\n\n" + RATE_ONLY
+                user += "\n\n" + MT.RATE_ONLY
             messages = [{"role": "system", "content": prompt["system_prompt"]},
                         {"role": "user", "content": user}]
             if cfg.verdict == "logprobs":
                 heads, lps = self.top_tokens(messages, 2)
                 first = heads[0][1] if heads else {}
                 one = len(heads) > 1 and heads[0][0].strip() == "1"  # then "10" may be "1" "0"
-                probs, score = rating_of(first, heads[1][1] if one else None)
+                probs, score = MT.rating_of(first, heads[1][1] if one else None)
                 if probs is None:
                     raise Failed(f"no rating 1-10 among the judge's likeliest first tokens: "
                                  f"{list(first)!r}" + ("" if lps else " (no logprobs returned)"))
                 rec |= {"rating_probs": {str(k): v for k, v in probs.items()}, "judgment": ""}
             else:
-                score, rec["judgment"] = self.verdict(messages, parse_rating, RATING_REMINDER)
+                score, rec["judgment"] = self.verdict(messages, MT.parse_rating,
+                                                      MT.RATING_REMINDER)
         except Exception as e:  # recorded, never lost: the run goes on with the other answers
             msg = str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}"
             return "failed", rec | {"status": "failed", "error": redact(msg, self.key)}
@@ -491,7 +374,9 @@ def run():
             raise SystemExit(f"error: --{name} must be {' or '.join(ok)}")
     log(json.dumps(asdict(cfg)))
     single = cfg.mode == "single"
-    items, other = read_answers(cfg) if single else load_pairs(cfg), other_path(cfg.out)
+    items = (MT.read_answers(cfg.data, cfg.questions, cfg.references) if single else
+             load_pairs(cfg))
+    other = other_path(cfg.out)
     what = "answer turns" if single else "pairs"
     done, done_other = D.truncate_torn(cfg.out), D.truncate_torn(other)
     rest = [r for _, r in D.read_jsonl(other)] if done_other else []

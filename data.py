@@ -165,7 +165,8 @@ def read_json_array(path, chunk=1 << 20):
             nonlocal pos
             if (c := peek()) == "" or c not in chars:
                 got = repr(c) if c else "the end of the file"
-                raise DataError(f"{path}[{i}]: expected {' or '.join(map(repr, chars))}, got {got}")
+                want = " or ".join(map(repr, chars))
+                raise DataError(f"{path}[{i}]: expected {want}, got {got}")
             pos += 1
             return c
 

@@ -19,7 +19,7 @@ and loses only the batch in flight.
 MT-bench: a question in FastChat's format ({"question_id", "category", "turns": [...]}) is answered
 turn by turn, each turn from the conversation so far, the model's own earlier answers included, at
 its category's temperature; the record is in FastChat's answer format too (question_id, model_id,
-choices: [{index, turns}]), so FastChat's llm_judge reads it, and annotate.py --mode single grades it.
+choices: [{index, turns}]), so FastChat's llm_judge reads it; annotate.py --mode single grades it.
 
 Reproducibility: each prompt samples from its own generator, seeded from (--seed, its id). Its
 responses therefore do not depend on which other prompts share its batch, on the number of ranks,
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import data as D
 import model as M
+import mtbench as MT
 
 @dataclass
 class Config:
@@ -64,7 +65,7 @@ class Config:
     category_temperature: str = ""  # MT-bench questions: CATEGORY=T,... over MT-bench's own
         # temperatures (writing, roleplay 0.7; stem, humanities 0.1; extraction, math, coding,
         # reasoning 0); other categories take --temperature; "off": --temperature for all
-    model_id: str = ""  # the model's name in MT-bench and AlpacaEval outputs (default: its folder's)
+    model_id: str = ""  # the model's name in MT-bench and AlpacaEval outputs (default: folder's)
     alpaca_eval: str = ""  # also write each prompt's first response as AlpacaEval's model outputs
         # to this file: a JSON array of {instruction, output, generator, dataset}
 
@@ -207,22 +208,6 @@ def reward_scores(model, tok, template, conversations, batch_tokens=16384, max_l
 # MT-bench: two-turn questions, each turn answered from the conversation including the model's own
 # earlier answers; FastChat's answer format
 
-MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1,
-                         "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0}
-
-def category_temperatures(cfg):
-    """-> a function: category -> temperature (MT-bench's, then --category-temperature)."""
-    if cfg.category_temperature == "off":
-        return lambda category: cfg.temperature
-    table = dict(MT_BENCH_TEMPERATURES)
-    for item in filter(None, cfg.category_temperature.split(",")):
-        name, _, value = item.partition("=")
-        try:
-            table[name.strip()] = float(value)
-        except ValueError:
-            raise SystemExit(f"error: --category-temperature {item!r}: CATEGORY=T") from None
-    return lambda category: table.get(category, cfg.temperature)
-
 def sample_groups(sample_fn, prompts, n, rngs, temps):
     """sample_fn over prompts that may differ in temperature: one call per temperature."""
     out = [None] * len(prompts)
@@ -237,7 +222,7 @@ def answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questio
     its prompt), turn k of each sample from that sample's own conversation. -> records in our
     format (messages: sample 0's conversation up to the last question; responses: each sample's
     last answer, all its turns in 'turns') and FastChat's (question_id, model_id, choices)."""
-    temp_of = category_temperatures(cfg)
+    temp_of = MT.category_temperatures(cfg.category_temperature, cfg.temperature)
     qs = [questions[it["id"]] for it in batch]
     temps = [temp_of(q.get("category")) for q in qs]
     convs = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> messages so far
@@ -276,7 +261,7 @@ def answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questio
                      "model": cfg.model or M.default_model(), "sampling": {"temperature": t},
                      "question_id": q["question_id"], "category": q.get("category"),
                      "turns": q["turns"], "model_id": model_id,
-                     "answer_id": hashlib.sha256(f"{model_id}:{it['id']}".encode()).hexdigest()[:22],
+                     "answer_id": hashlib.sha256(f"{model_id}:{it['id']}".encode()).hexdigest(),
                      "choices": [{"index": j, "turns": [r["content"] for r in a]}
                                  for j, a in enumerate(ans)], "tstamp": time.time()}
                     | ({"reference": q["reference"]} if "reference" in q else {}))
@@ -296,9 +281,9 @@ def write_alpaca_eval(cfg):
         rid = str(rec.get("id", rec.get("prompt_id", rec.get("question_id"))))
         if rid in answers:
             text = rec.get("instruction") or D.get_messages(rec, where, prompt=True)[-1]["content"]
-            out.append({"instruction": text} | ({"input": rec["input"]} if rec.get("input") else {})
-                       | {"output": answers[rid], "generator": model_name(cfg),
-                          "dataset": rec.get("dataset", "")})
+            extra = {"input": rec["input"]} if rec.get("input") else {}  # keeps the ids equal
+            out.append({"instruction": text} | extra | {"output": answers[rid],
+                       "generator": model_name(cfg), "dataset": rec.get("dataset", "")})
     with open(cfg.alpaca_eval + ".tmp", "w", encoding="utf-8") as f:
         json.dump(out, f, ensure_ascii=False, indent=2)
     os.replace(cfg.alpaca_eval + ".tmp", cfg.alpaca_eval)
@@ -339,6 +324,7 @@ def run(argv=None):
                          "(prompts JSONL: {id, messages} ending with a user turn)")
     try:  # before any model is loaded
         M.check_sampling(cfg.n, cfg.temperature, cfg.top_p, cfg.top_k)
+        MT.category_temperatures(cfg.category_temperature, cfg.temperature)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if cfg.engine not in ("ours", "vllm"):
@@ -386,8 +372,8 @@ def run(argv=None):
     t0, ntok = time.time(), 0
     for batch in batches(items, cfg):
         if questions:  # MT-bench: every turn of each question, in its own loop
-            recs = [r | {"sampling": sampling | r["sampling"]} for r in
-                    answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questions)]
+            recs = answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questions)
+            recs = [r | {"sampling": sampling | r["sampling"]} for r in recs]
             results = []
         else:
             rngs = [rng_of(cfg, device, it["id"]) for it in batch]
