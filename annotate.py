@@ -374,6 +374,8 @@ def run():
             raise SystemExit(f"error: --{name} must be {' or '.join(ok)}")
     log(json.dumps(asdict(cfg)))
     single = cfg.mode == "single"
+    if single and (cfg.a or cfg.b or not cfg.data):
+        raise SystemExit("error: --mode single grades --data ANSWERS.jsonl (no --a/--b)")
     items = (MT.read_answers(cfg.data, cfg.questions, cfg.references) if single else
              load_pairs(cfg))
     other = other_path(cfg.out)

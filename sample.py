@@ -228,12 +228,13 @@ def answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questio
     convs = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> messages so far
     answers = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> response dicts
     for k in range(max(len(q["turns"]) for q in qs)):
+        # turn 1: a prompt per question, its n samples sharing it; later turns: a prompt per sample
         rows = [(i, j) for i, q in enumerate(qs) if k < len(q["turns"])
-                for j in range(cfg.n if k else 1)]  # turn 1: one prompt, n samples
+                for j in range(cfg.n if k else 1)]
+        asked = {(i, j): [{"role": "user", "content": qs[i]["turns"][k]}] for i, j in rows}
         prompts, rngs = [], []
         for i, j in rows:
-            convs[i][j] += [{"role": "user", "content": qs[i]["turns"][k]}]
-            ids = batch[i]["ids"] if k == 0 else D.render(tok, convs[i][j], template, True)[0]
+            ids = D.render(tok, convs[i][j] + asked[i, j], template, prompt=True)[0]
             if len(ids) >= mcfg.max_position_embeddings:
                 raise D.DataError(f"question {batch[i]['id']}, turn {k + 1}: {len(ids)} tokens "
                                   f"leave no room to answer (lower --max-new-tokens)")
@@ -243,16 +244,11 @@ def answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questio
         results = sample_groups(sample_fn, prompts, 1 if k else cfg.n, rngs,
                                 [temps[i] for i, _ in rows])
         for (i, j), res in zip(rows, results):
-            for jj, r in (enumerate(res) if k == 0 else [(j, res[0])]):
+            for jj, r in zip(range(j, j + len(res)), res):  # turn 1: samples 0..n-1; then j
                 r["truncated"] = r["finish_reason"] == "length"
                 answers[i][jj].append(r)
-                if k == 0 and jj:
-                    convs[i][jj] = list(convs[i][0])
-        for i, q in enumerate(qs):
-            for j in range(cfg.n):
-                if k < len(q["turns"]):
-                    convs[i][j] = convs[i][j] + [{"role": "assistant",
-                                                  "content": answers[i][j][k]["content"]}]
+                convs[i][jj] = convs[i][jj] + asked[i, j] + [{"role": "assistant",
+                                                              "content": r["content"]}]
     model_id = model_name(cfg)
     recs = []
     for it, q, conv, ans, t in zip(batch, qs, convs, answers, temps):
