@@ -286,6 +286,18 @@ class Judge:
         chosen, rejected = (a, b) if judge["winner"] == "A" else (b, a)
         return status, rec | dict(chosen=chosen, rejected=rejected, strength=strength, judge=judge)
 
+    def rating(self, messages):
+        """--verdict logprobs, MT-bench: the rating alone -> (its probability-weighted mean over
+        1..10, the probabilities), read from the top logprobs of the reply's first two tokens."""
+        heads, lps = self.top_tokens(messages, 2)
+        first = heads[0][1] if heads else {}
+        one = len(heads) > 1 and heads[0][0].strip() == "1"  # then "10" may be "1" "0"
+        probs, score = MT.rating_of(first, heads[1][1] if one else None)
+        if probs is None:
+            raise Failed(f"no rating 1-10 among the judge's likeliest first tokens: "
+                         f"{list(first)!r}" + ("" if lps else " (no logprobs returned)"))
+        return score, probs
+
     def grade(self, item):
         """One turn of an MT-bench answer, graded 1-10 -> (status, record): FastChat's judgment
         fields (question_id, model, judge [model, prompt], user_prompt, judgment, score, turn)."""
@@ -300,13 +312,7 @@ class Judge:
             messages = [{"role": "system", "content": prompt["system_prompt"]},
                         {"role": "user", "content": user}]
             if cfg.verdict == "logprobs":
-                heads, lps = self.top_tokens(messages, 2)
-                first = heads[0][1] if heads else {}
-                one = len(heads) > 1 and heads[0][0].strip() == "1"  # then "10" may be "1" "0"
-                probs, score = MT.rating_of(first, heads[1][1] if one else None)
-                if probs is None:
-                    raise Failed(f"no rating 1-10 among the judge's likeliest first tokens: "
-                                 f"{list(first)!r}" + ("" if lps else " (no logprobs returned)"))
+                score, probs = self.rating(messages)
                 rec |= {"rating_probs": {str(k): v for k, v in probs.items()}, "judgment": ""}
             else:
                 score, rec["judgment"] = self.verdict(messages, MT.parse_rating,
