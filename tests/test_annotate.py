@@ -336,6 +336,11 @@ def test_mtbench_grading_report_retries_and_resume(tmp_path, monkeypatch, capsys
         n = len(judge.log)
         run_annotate(monkeypatch, *common, "--data", m2, "--out", o2, "--questions", qfile)  # resume: all done
         assert len(judge.log) == n
+        lines = open(o1).readlines()  # a kill after 5 records, the 6th torn: only the missing turns are graded again
+        open(o1, "w").write("".join(lines[:5]) + lines[5][:20])
+        run_annotate(monkeypatch, *common, "--data", m1, "--out", o1)
+        missing = {json.loads(l)["id"] for l in lines[5:]}
+        assert {(p, f) for p, f, *_ in judge.log[n:]} == {(f"m1x{i.split('/')[1]}", "ab"[int(i[-1]) - 1]) for i in missing}
     finally:
         judge.close()
     g1, g2 = {r["id"]: r for r in read(o1)}, {r["id"]: r for r in read(o2)}
