@@ -1,8 +1,9 @@
 """
-The data that flows between the stages: JSONL records with errors that name file and line,
-conversations (ours or ShareGPT's), the chat templates that render a conversation to token ids and
+The data that flows between the stages: JSONL records with errors that name file and line (and
+JSON arrays, streamed, with errors that name file and element), dataset folders, conversations
+(ours, ShareGPT's, AlpacaEval's), the chat templates that render a conversation to token ids and
 a loss mask, packing and token-budget batches, resume helpers, and the dataclass -> command-line
-config. No torch at import time: annotate.py, an HTTP client, loads this file alone.
+config. No torch at import time: annotate.py, an HTTP client, loads it without torch.
 """
 import argparse, dataclasses, functools, hashlib, inspect, json, math, os, random, re, sys
 
@@ -10,7 +11,8 @@ class DataError(ValueError):
     """Bad input: the message starts with 'file:line:'; run_main prints it without a traceback."""
 
 # -------------------------------------------------------------------------------------------------
-# JSONL: read with file:line errors, append, write atomically, resume
+# JSONL (and JSON arrays): read with file:line (file.json[i]) errors, append, write
+# atomically, resume
 
 def read_jsonl(path):
     """Yield ('file:line', record); a malformed line raises DataError('file:line: ...')."""
@@ -36,6 +38,68 @@ def read_jsonl(path):
             yield where, rec
     if n == 0:
         raise DataError(f"{path}:1: empty file, no records")
+
+def is_json_array(path):
+    """A .json file holding one JSON array (AlpacaEval's, ShareGPT's), not JSONL."""
+    if not path.endswith(".json"):
+        return False
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith("[")
+
+def read_json_array(path, chunk=1 << 20):
+    """Yield ('file.json[i]', element) from a file holding one JSON array, streaming: elements are
+    decoded one at a time from a text buffer read on as needed (ShareGPT's file is 650 MB), never
+    the whole array at once. A bad element raises DataError('file.json[i]: reason')."""
+    dec, buf, pos, i, need = json.JSONDecoder(), "", 0, 0, chunk
+    with open(path, encoding="utf-8-sig") as f:
+        def read(n):
+            try:
+                return f.read(n)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}[{i}]: not UTF-8 ({e.reason})") from None
+
+        def peek():  # the next character that is not a space, reading on ('' at the end)
+            nonlocal buf, pos
+            while True:
+                while pos < len(buf) and buf[pos].isspace():
+                    pos += 1
+                if pos < len(buf) or not (got := read(chunk)):
+                    return buf[pos:pos + 1]
+                buf, pos = got, 0
+
+        def expect(chars):
+            nonlocal pos
+            if (c := peek()) == "" or c not in chars:
+                got = repr(c) if c else "the end of the file"
+                want = " or ".join(map(repr, chars))
+                raise DataError(f"{path}[{i}]: expected {want}, got {got}")
+            pos += 1
+            return c
+
+        expect("[")
+        if peek() == "]":
+            raise DataError(f"{path}[0]: empty array, no records")
+        while True:
+            peek()  # raw_decode takes no leading spaces
+            try:
+                rec, end, err = *dec.raw_decode(buf, pos), None
+            except json.JSONDecodeError as e:  # an element the buffer's end cut fails near it
+                cut = e.pos >= len(buf) - 6 or e.msg.startswith("Unterminated string")
+                rec, end, err = None, len(buf) if cut else e.pos, e
+            if end == len(buf) and (got := read(need)):  # (or a number that goes on): read on
+                buf, pos, need = buf[pos:] + got, 0, 2 * need  # doubling: re-parsed O(log) times
+                continue
+            if err:
+                raise DataError(f"{path}[{i}]: malformed JSON ({err.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}[{i}]: expected a JSON object, got {type(rec).__name__}")
+            yield f"{path}[{i}]", rec
+            pos, need, i = end, chunk, i + 1
+            if expect(",]") == "]":
+                break
+        if peek():
+            raise DataError(f"{path}[{i}]: text after the closing ']'")
 
 def dumps(rec):
     return json.dumps(rec, ensure_ascii=False) + "\n"
@@ -131,68 +195,6 @@ def load_dataset_records(name, split="train"):
     if isinstance(ds, datasets.DatasetDict):
         ds = ds[split]
     return [(f"{name}[{i}]", dict(r)) for i, r in enumerate(ds)]
-
-def is_json_array(path):
-    """A .json file holding one JSON array (AlpacaEval's, ShareGPT's), not JSONL."""
-    if not path.endswith(".json"):
-        return False
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith("[")
-
-def read_json_array(path, chunk=1 << 20):
-    """Yield ('file.json[i]', element) from a file holding one JSON array, streaming: elements are
-    decoded one at a time from a text buffer read on as needed (ShareGPT's file is 650 MB), never
-    the whole array at once. A bad element raises DataError('file.json[i]: reason')."""
-    dec, buf, pos, i, need = json.JSONDecoder(), "", 0, 0, chunk
-    with open(path, encoding="utf-8-sig") as f:
-        def read(n):
-            try:
-                return f.read(n)
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}[{i}]: not UTF-8 ({e.reason})") from None
-
-        def peek():  # the next character that is not a space, reading on ('' at the end)
-            nonlocal buf, pos
-            while True:
-                while pos < len(buf) and buf[pos].isspace():
-                    pos += 1
-                if pos < len(buf) or not (got := read(chunk)):
-                    return buf[pos:pos + 1]
-                buf, pos = got, 0
-
-        def expect(chars):
-            nonlocal pos
-            if (c := peek()) == "" or c not in chars:
-                got = repr(c) if c else "the end of the file"
-                want = " or ".join(map(repr, chars))
-                raise DataError(f"{path}[{i}]: expected {want}, got {got}")
-            pos += 1
-            return c
-
-        expect("[")
-        if peek() == "]":
-            raise DataError(f"{path}[0]: empty array, no records")
-        while True:
-            peek()  # raw_decode takes no leading spaces
-            try:
-                rec, end, err = *dec.raw_decode(buf, pos), None
-            except json.JSONDecodeError as e:  # an element the buffer's end cut fails near it
-                cut = e.pos >= len(buf) - 6 or e.msg.startswith("Unterminated string")
-                rec, end, err = None, len(buf) if cut else e.pos, e
-            if end == len(buf) and (got := read(need)):  # (or a number that goes on): read on
-                buf, pos, need = buf[pos:] + got, 0, 2 * need  # doubling: re-parsed O(log) times
-                continue
-            if err:
-                raise DataError(f"{path}[{i}]: malformed JSON ({err.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}[{i}]: expected a JSON object, got {type(rec).__name__}")
-            yield f"{path}[{i}]", rec
-            pos, need, i = end, chunk, i + 1
-            if expect(",]") == "]":
-                break
-        if peek():
-            raise DataError(f"{path}[{i}]: text after the closing ']'")
 
 def read_records(paths, split="train"):
     """--data values: JSONL files, .json files holding one array, .parquet files, or a dataset
