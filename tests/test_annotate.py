@@ -282,6 +282,9 @@ def test_against_chat_serve(tmp_path, monkeypatch, bpe_tokenizer):
                      "--max-tokens", "8", "--workers", "2", "--backoff", "0.01")
         run_annotate(monkeypatch, "--data", data, "--out", out + ".lp.jsonl", "--base-url", url, "--judge-model", "tiny",
                      "--verdict", "logprobs", "--workers", "2", "--backoff", "0.01")
+        answers = write_jsonl(tmp_path / "answers.jsonl", [answer(q, "tiny") for q in (QS[0], QS[2])])
+        run_annotate(monkeypatch, "--mode", "single", "--data", answers, "--out", out + ".mt.jsonl", "--base-url", url,
+                     "--judge-model", "tiny", "--verdict", "logprobs", "--workers", "2", "--backoff", "0.01")
     finally:
         proc.kill()
         proc.wait()
@@ -292,6 +295,10 @@ def test_against_chat_serve(tmp_path, monkeypatch, bpe_tokenizer):
         assert not any("HTTP" in r.get("error", "") or "no logprobs" in r.get("error", "") for r in recs)  # all answered
     for r in read(out + ".lp.jsonl") + read(A.other_path(out + ".lp.jsonl")):  # a random model rarely has A or B in its top 20
         assert 0 <= r["judge"]["p"] <= 1 if "judge" in r else len(ast.literal_eval(r["error"].split("tokens: ")[1])) == 20
+    graded = read(out + ".mt.jsonl") + read(A.other_path(out + ".mt.jsonl"))  # MT-bench grades through the same server
+    assert sorted(r["id"] for r in graded) == ["tiny/111/1", "tiny/111/2", "tiny/81/1", "tiny/81/2"]
+    for r in graded:  # a random model rarely has a digit in its top 20; when it has, a score in range
+        assert 1 <= r["score"] <= 10 if "score" in r else len(ast.literal_eval(r["error"].split("tokens: ")[1])) == 20
 
 # ---- MT-bench: single-answer grading, the report's table, FastChat's judge prompts
 def last_marker(req):  # the answer being graded is the last one shown (turn 2 shows answer 1 before it)
