@@ -286,13 +286,15 @@ class Judge:
         chosen, rejected = (a, b) if judge["winner"] == "A" else (b, a)
         return status, rec | dict(chosen=chosen, rejected=rejected, strength=strength, judge=judge)
 
-    def rating(self, messages):
+    def rating(self, messages, n=8):
         """--verdict logprobs, MT-bench: the rating alone -> (its probability-weighted mean over
-        1..10, the probabilities), read from the top logprobs of the reply's first two tokens."""
-        heads, lps = self.top_tokens(messages, 2)
-        first = heads[0][1] if heads else {}
-        one = len(heads) > 1 and heads[0][0].strip() == "1"  # then "10" may be "1" "0"
-        probs, score = MT.rating_of(first, heads[1][1] if one else None)
+        1..10, the probabilities), read at the reply's first digit among its first n tokens: a
+        small judge asked for the number alone still writes "Rating: [[" before it."""
+        heads, lps = self.top_tokens(messages, n)
+        at = next((i for i, (t, _) in enumerate(heads) if MT.rating_token(t)), 0)
+        first = heads[at][1] if heads else {}
+        one = at + 1 < len(heads) and heads[at][0].strip() == "1"  # then "10" may be "1" "0"
+        probs, score = MT.rating_of(first, heads[at + 1][1] if one else None)
         if probs is None:
             raise Failed(f"no rating 1-10 among the judge's likeliest first tokens: "
                          f"{list(first)!r}" + ("" if lps else " (no logprobs returned)"))

@@ -87,6 +87,9 @@ def parse_rating(text):
     score = float(found[-1]) if found else None
     return score if score is not None and 1 <= score <= 10 else None
 
+def rating_token(tok):
+    return tok.strip().isdigit() and 1 <= int(tok.strip()) <= 10
+
 def rating_of(first, second=None):
     """--verdict logprobs: {rating: probability} from the top logprobs of the reply's first token
     (and, when that token is "1", of the second: a tokenizer that splits digits writes 10 as "1"
@@ -95,7 +98,7 @@ def rating_of(first, second=None):
     as 1."""
     p = dict.fromkeys(range(1, 11), 0.0)
     for tok, prob in first.items():
-        if tok.strip().isdigit() and 1 <= int(tok.strip()) <= 10:
+        if rating_token(tok):
             p[int(tok.strip())] += prob
     if second is not None:
         zero = sum(v for t, v in second.items() if t.strip() == "0")

@@ -408,7 +408,8 @@ def test_mtbench_judge_prompts_file_and_logprob_ratings(tmp_path, monkeypatch):
     script = {("mx81", "a"): [("lps", [{"7": 0.5, "8": 0.3, "Sure": 0.2}, {"\n": 1.0}])],
               ("mx81", "b"): [("lps", [{"1": 0.6, "9": 0.2, "x": 0.2}, {"0": 0.75, "\n": 0.25}])],  # "10" as "1" "0"
               ("mx111", "a"): [("lps", [{"The": 0.9, "I": 0.1}])],  # no rating token: failed
-              ("mx111", "b"): [("lps", [{" 3": 0.5, "4": 0.5}])]}
+              ("mx111", "b"): [("lps", [{"Rating": 0.9, "The": 0.1}, {":": 1.0}, {" [[": 1.0}, {" 3": 0.5, "4": 0.5},
+                                        {"]]": 1.0}])]}  # read at the first digit written
     judge = Judge(script, route=last_marker)
     out = str(tmp_path / "lp.jsonl")
     try:
@@ -416,7 +417,7 @@ def test_mtbench_judge_prompts_file_and_logprob_ratings(tmp_path, monkeypatch):
                      "--verdict", "logprobs", "--backoff", "0.01")
     finally:
         judge.close()
-    assert all(r["max_tokens"] == 2 and r["logprobs"] is True and r["top_logprobs"] == 20 and
+    assert all(r["max_tokens"] == 8 and r["logprobs"] is True and r["top_logprobs"] == 20 and
                r["messages"][1]["content"].endswith("a whole number from 1 to 10, nothing else.") for r in judge.requests)
     g = {r["id"]: r for r in read(out)}
     assert g["m/81/1"]["score"] == pytest.approx((7 * 0.5 + 8 * 0.3) / 0.8)
