@@ -190,7 +190,7 @@ class Judge:
                                     timeout=cfg.timeout)
         self.usage, self.rng = Counter(), random.Random(cfg.seed)
         self.prompts = (MT.read_judge_prompts(cfg.judge_prompts) if cfg.judge_prompts else
-                        MT.GRADE_PROMPTS)
+                        MT.RATING_PROMPTS if cfg.verdict == "logprobs" else MT.GRADE_PROMPTS)
 
     def ask(self, messages, **extra):
         """-> the reply's first choice (None if it has none). extra: request fields over ours."""
@@ -309,7 +309,7 @@ class Judge:
         rec["judge"] = [cfg.judge_model, prompt["name"]]
         try:
             user = prompt["prompt_template"].format(**item["fields"])
-            if cfg.verdict == "logprobs":
+            if cfg.verdict == "logprobs" and cfg.judge_prompts:  # theirs ask for reasons first
                 user += "\n\n" + MT.RATE_ONLY
             messages = [{"role": "system", "content": prompt["system_prompt"]},
                         {"role": "user", "content": user}]

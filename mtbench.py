@@ -60,8 +60,18 @@ GRADE_PROMPTS = {  # (with a reference, multi-turn) -> FastChat's fields
                        + "\n\n" + TWO + TWO_REF + GRADE_TAIL),
 }
 GRADE_PROMPTS = {k: v | {"system_prompt": GRADE_SYSTEM} for k, v in GRADE_PROMPTS.items()}
-# --verdict logprobs: the rating alone, read as a distribution over 1..10 (G-Eval's scoring)
+# --verdict logprobs: the rating alone, read as a distribution over 1..10 (G-Eval's scoring).
+# Short: after GRADE_HOW's instructions the bundled 135M judge goes on writing the answer it saw.
 RATE_ONLY = "Reply with the rating alone: a whole number from 1 to 10, nothing else."
+RATE_ONE = "How good is this answer to the question, on a scale of 1 to 10? "
+RATE_TWO = "How good is the assistant's second answer, on a scale of 1 to 10? "
+RATE_REF = "(The reference answer is correct.) "
+RATING_PROMPTS = {(ref, two): dict(
+    name="rate-only" + "-ref" * ref + "-multi-turn" * two,
+    system_prompt="You grade AI assistant answers on a scale of 1 to 10.",
+    prompt_template=(TWO + TWO_REF * ref if two else ONE + ONE_REF * ref) + RATE_REF * ref
+    + (RATE_TWO if two else RATE_ONE) + "Reply with the number only.")
+    for ref in (False, True) for two in (False, True)}
 RATING_REMINDER = ("Your reply did not end with a rating in the required format. Reply with the "
                    "rating line only, exactly like: Rating: [[5]]")
 

@@ -418,7 +418,8 @@ def test_mtbench_judge_prompts_file_and_logprob_ratings(tmp_path, monkeypatch):
     finally:
         judge.close()
     assert all(r["max_tokens"] == 8 and r["logprobs"] is True and r["top_logprobs"] == 20 and
-               r["messages"][1]["content"].endswith("a whole number from 1 to 10, nothing else.") for r in judge.requests)
+               r["messages"][1]["content"].endswith("on a scale of 1 to 10? Reply with the number only.") for r in judge.requests)
+    assert {tuple(r["judge"]) for r in read(out)} >= {("gpt-4o", "rate-only"), ("gpt-4o", "rate-only-multi-turn")}
     g = {r["id"]: r for r in read(out)}
     assert g["m/81/1"]["score"] == pytest.approx((7 * 0.5 + 8 * 0.3) / 0.8)
     assert g["m/81/2"]["score"] == pytest.approx((10 * 0.45 + 1 * 0.15 + 9 * 0.2) / 0.8)
