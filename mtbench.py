@@ -97,8 +97,8 @@ def parse_rating(text):
     score = float(found[-1]) if found else None
     return score if score is not None and 1 <= score <= 10 else None
 
-def rating_token(tok):
-    return tok.strip().isdigit() and 1 <= int(tok.strip()) <= 10
+def rating_token(tok):  # ASCII digits only: "²".isdigit() is True too
+    return bool(re.fullmatch(r"[0-9]+", tok.strip())) and 1 <= int(tok.strip()) <= 10
 
 def rating_of(first, second=None):
     """--verdict logprobs: {rating: probability} from the top logprobs of the reply's first token
