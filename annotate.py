@@ -1,7 +1,9 @@
 """
-LLM-as-judge over the OpenAI API: response pairs -> Xwin-Pair preference pairs, and win rates.
-Both orders are judged (judges favour a position); --a/--b: two models' outputs, matched by id;
---report OUT: B's AlpacaEval-style win rate. The key comes from OPENAI_API_KEY only (Azure:
+LLM-as-judge over the OpenAI API. Pairwise (the default): response pairs -> Xwin-Pair preference
+pairs, both orders judged (judges favour a position); --a/--b: two models' outputs, matched by id
+(AlpacaEval's JSON files too). --mode single: MT-bench, each answer's turns graded 1-10.
+--report OUT...: B's win rate with its length-controlled one (AlpacaEval 2.0), or the MT-bench
+table of graded files side by side. The key comes from OPENAI_API_KEY only (Azure:
 --base-url https://RESOURCE.openai.azure.com/openai/v1/, the deployment as --judge-model).
 """
 import email.utils, json, math, os, random, re, sys, threading, time
@@ -9,10 +11,14 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, asdict
 import data as D
+import mtbench as MT
+import scores as S
 
 @dataclass
 class AnnotateConfig:
-    data: list = field(default_factory=list)  # pairs to judge, JSONL: {id, messages, responses}
+    mode: str = "pair"  # pair: which of two responses is better; single: MT-bench grades 1-10
+    data: list = field(default_factory=list)  # pairs to judge, JSONL: {id, messages, responses};
+        # --mode single: answers (sample.py's MT-bench records, or FastChat's model_answer files)
     a: str = ""  # instead of --data: outputs of model A (JSONL), matched by id with --b
     b: str = ""  # outputs of model B
     out: str = "xwin_pair.jsonl"  # judged pairs (appended; a rerun resumes); see OUT.other.jsonl
@@ -32,7 +38,13 @@ class AnnotateConfig:
     skip_bad: bool = False  # skip (and count) malformed input records instead of stopping
     price_in: float = 0.0  # $ per million prompt tokens, for a cost estimate
     price_out: float = 0.0  # $ per million completion tokens
-    report: str = ""  # print the win-rate report of this judged file (an --out) and exit
+    questions: str = ""  # --mode single: MT-bench's question.jsonl, for answers without their
+        # questions (FastChat's model_answer files)
+    references: str = ""  # --mode single: reference answers (FastChat's reference_answer/X.jsonl)
+        # for math, reasoning and coding; else a question's own 'reference' when it has one
+    judge_prompts: str = ""  # --mode single: FastChat's judge_prompts.jsonl instead of our prompts
+    report: list = field(default_factory=list)  # print the report of judged or graded files (an
+        # --out each) and exit: win rates; MT-bench tables side by side
     seed: int = 1337  # backoff jitter
 
 # ---- The judging prompts: edit freely, but keep the verdict format in step with VERDICTS below.
@@ -108,11 +120,10 @@ def read_pairs(cfg, paths, n):
     out, skipped = {}, 0
     for where, rec in D.read_records(paths):
         try:
+            if "messages" not in rec and isinstance(rec.get("instruction"), str):
+                rec = D.alpaca_record(rec)
             if not isinstance(rid := rec.get("id"), str) or not rid:
                 raise D.DataError(f"{where}: needs a string 'id'")
-            if "messages" not in rec and isinstance(rec.get("instruction"), str):
-                text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-                rec = rec | {"messages": [{"role": "user", "content": text}]}
             msgs = D.get_messages(rec, where, prompt=True)
             rs = rec.get("responses", [rec["output"]] if "output" in rec else None)
             rs = [r.get("content") if isinstance(r, dict) else r
@@ -123,7 +134,9 @@ def read_pairs(cfg, paths, n):
                                   "{'content': ...})")
             if rid in out:
                 raise D.DataError(f"{where}: duplicate id {rid!r}")
-            out[rid] = {"id": rid, "messages": msgs, "responses": rs}
+            out[rid] = {"id": rid, "messages": msgs, "responses": rs} | (
+                {"instruction_difficulty": d}  # AlpacaEval's, for the LC win rate's fit
+                if isinstance(d := rec.get("instruction_difficulty"), (int, float)) else {})
         except D.DataError:
             if not cfg.skip_bad:
                 raise
@@ -176,6 +189,8 @@ class Judge:
         self.client = openai.OpenAI(api_key=self.key, base_url=base or None, max_retries=0,
                                     timeout=cfg.timeout)
         self.usage, self.rng = Counter(), random.Random(cfg.seed)
+        self.prompts = (MT.read_judge_prompts(cfg.judge_prompts) if cfg.judge_prompts else
+                        MT.RATING_PROMPTS if cfg.verdict == "logprobs" else MT.GRADE_PROMPTS)
 
     def ask(self, messages, **extra):
         """-> the reply's first choice (None if it has none). extra: request fields over ours."""
@@ -209,35 +224,42 @@ class Judge:
                 jitter = self.rng.uniform(0.5, 1.0)
             time.sleep(max(jitter * min(cfg.max_backoff, cfg.backoff * 2 ** (attempt - 1)), wait))
 
-    def verdict(self, messages):
+    def verdict(self, messages, parse=parse_verdict, reminder=REMINDER):
         """-> (score, rationale text). An unparseable reply gets one reminder of the format."""
         text = lambda c: (c.message.content or "") if c is not None else ""
         first = text(self.ask(messages))
-        if (score := parse_verdict(first)) is not None:
+        if (score := parse(first)) is not None:
             return score, first
         again = text(self.ask(messages + [{"role": "assistant", "content": first},
-                                          {"role": "user", "content": REMINDER}]))
-        if (score := parse_verdict(again)) is None:
+                                          {"role": "user", "content": reminder}]))
+        if (score := parse(again)) is None:
             raise Failed(f"unparseable judge reply: {first!r}; after a reminder: {again!r}")
         return score, f"{first}\n{again}"
 
+    def top_tokens(self, messages, n):
+        """-> the reply's first n tokens, each (token, {token: probability} from its
+        top_logprobs, the token alone if the server sent none), and the reply's logprobs."""
+        choice = self.ask(messages, max_tokens=n, temperature=0.0, logprobs=True, top_logprobs=20)
+        lps = choice and choice.logprobs
+        return [(h.token, {t.token: math.exp(t.logprob) for t in (h.top_logprobs or [h])})
+                for h in (lps.content or [] if lps else [])], lps
+
     def letters(self, messages):
         """-> {"A": P(A), "B": P(B)} from a one-token answer's top_logprobs ("A", " a": both A)."""
-        choice = self.ask(messages, max_tokens=1, temperature=0.0, logprobs=True, top_logprobs=20)
-        head = lps.content[0] if (lps := choice and choice.logprobs) and lps.content else None
-        top = head.top_logprobs if head else []
-        p = {k: sum((math.exp(t.logprob) for t in ((top or [head]) if head else [])
-                     if t.token.strip().upper() == k), 0.0) for k in "AB"}
+        heads, lps = self.top_tokens(messages, 1)
+        top = heads[0][1] if heads else {}
+        p = {k: sum(v for t, v in top.items() if t.strip().upper() == k) for k in "AB"}
         if not p["A"] + p["B"] > 0:
             raise Failed(f"neither A nor B among the judge's likeliest first tokens: "
-                         f"{[t.token for t in top]!r}"
+                         f"{list(top)!r}"
                          + ("" if lps else " (the server returned no logprobs)"))
         return p
 
     def pair(self, p):
         """One pair, judged in both orders (AB: the first shown as A; BA) -> (status, record)."""
         (a, b), msgs, cfg = p["responses"], p["messages"], self.cfg
-        rec, both = {"id": p["id"], "messages": msgs}, ((a, b), (b, a))  # the two orders
+        rec = {k: p[k] for k in ("id", "messages", "instruction_difficulty") if k in p}
+        both = ((a, b), (b, a))  # the two orders
         try:
             if a == b:  # nothing to judge
                 status, strength, judge = "tie", 0.0, {"winner": "tie", "identical": True}
@@ -264,47 +286,108 @@ class Judge:
         chosen, rejected = (a, b) if judge["winner"] == "A" else (b, a)
         return status, rec | dict(chosen=chosen, rejected=rejected, strength=strength, judge=judge)
 
-# ---- Report: AlpacaEval-style win rate of B over A (ties count half), with its standard error
+    def rating(self, messages, n=8):
+        """--verdict logprobs, MT-bench: the rating alone -> (its probability-weighted mean over
+        1..10, the probabilities), read at the reply's first digit among its first n tokens: a
+        small judge asked for the number alone still writes "Rating: [[" before it."""
+        heads, lps = self.top_tokens(messages, n)
+        at = next((i for i, (t, _) in enumerate(heads) if MT.rating_token(t)), 0)
+        first = heads[at][1] if heads else {}
+        one = at + 1 < len(heads) and heads[at][0].strip() == "1"  # then "10" may be "1" "0"
+        probs, score = MT.rating_of(first, heads[at + 1][1] if one else None)
+        if probs is None:
+            raise Failed(f"no rating 1-10 among the judge's likeliest first tokens: "
+                         f"{list(first)!r}" + ("" if lps else " (no logprobs returned)"))
+        return score, probs
+
+    def grade(self, item):
+        """One turn of an MT-bench answer, graded 1-10 -> (status, record): FastChat's judgment
+        fields (question_id, model, judge [model, prompt], user_prompt, judgment, score, turn)."""
+        cfg, turn = self.cfg, item["turn"]
+        prompt = self.prompts[(item["ref"], turn == 2)]
+        rec = {k: item[k] for k in ("id", "question_id", "model", "turn", "category")}
+        rec["judge"] = [cfg.judge_model, prompt["name"]]
+        try:
+            user = prompt["prompt_template"].format(**item["fields"])
+            if cfg.verdict == "logprobs" and cfg.judge_prompts:  # theirs ask for reasons first
+                user += "\n\n" + MT.RATE_ONLY
+            messages = [{"role": "system", "content": prompt["system_prompt"]},
+                        {"role": "user", "content": user}]
+            if cfg.verdict == "logprobs":
+                score, probs = self.rating(messages)
+                rec |= {"rating_probs": {str(k): v for k, v in probs.items()}, "judgment": ""}
+            else:
+                score, rec["judgment"] = self.verdict(messages, MT.parse_rating,
+                                                      MT.RATING_REMINDER)
+        except Exception as e:  # recorded, never lost: the run goes on with the other answers
+            msg = str(e) if isinstance(e, Failed) else f"{type(e).__name__}: {e}"
+            return "failed", rec | {"status": "failed", "error": redact(msg, self.key)}
+        return "judged", rec | {"user_prompt": user, "score": score, "verdict": cfg.verdict,
+                                "tstamp": time.time()}
+
+# ---- Report: B's win rate over A, raw and length-controlled; MT-bench tables of graded files
 def other_path(out):
     return (out[:-6] if out.endswith(".jsonl") else out) + ".other.jsonl"
 
-def report(out, show=False):
+def judged_records(out):
+    """An --out and its side file -> their records, one per id."""
+    if not os.path.exists(out):
+        raise D.DataError(f"{out}:0: no such file")
     recs = {}
     for path in (out, other_path(out)):  # a retry's record supersedes the failure
         for _, r in D.read_jsonl(path) if os.path.exists(path) and os.path.getsize(path) else ():
             if r.get("status") != "failed" or r["id"] not in recs:
                 recs[r["id"]] = r
-    if not os.path.exists(out):
-        raise D.DataError(f"{out}:0: no such file")
-    status = Counter(r.get("status") for r in recs.values())
-    judges = [r.get("judge") or {} for r in recs.values()]
-    both = [bool(j["consistent"]) for j in judges if "consistent" in j]
-    won = [j.get("winner", "tie") for r, j in zip(recs.values(), judges)
-           if r.get("status") not in ("inconsistent", "failed")]
-    x = [{"A": 0.0, "tie": 0.5, "B": 1.0}[w] for w in won]
-    n, mean = len(x), sum(x) / len(x) if x else float("nan")
-    se = math.sqrt(sum((v - mean) ** 2 for v in x) / (n - 1) / n) if n > 1 else float("nan")
-    r = dict(n=n, win_rate=100 * mean, standard_error=100 * se, wins_b=won.count("B"),
-             wins_a=won.count("A"), ties=won.count("tie"),
-             inconsistent_dropped=status["inconsistent"], failed=status["failed"],
-             swap_consistency=100 * sum(both) / len(both) if both else float("nan"))
+    return list(recs.values())
+
+def report(out, show=False):
+    """A pairwise --out: B's AlpacaEval-style win rate over A (ties count half) with its standard
+    error, and its length-controlled win rate (scores.lc_win_rate) with a bootstrap one."""
+    r = S.win_rate(judged_records(out))
     if show:
         print("{out}: {n} pairs judged (B wins {wins_b}, ties {ties}, A wins {wins_a}); "
               "{inconsistent_dropped} inconsistent dropped, {failed} failed\nwin rate of B over "
               "A: {win_rate:.2f}% ± {standard_error:.2f} (standard error; ties count half)\nswap "
               "consistency: {swap_consistency:.1f}% (same verdict with the replies in either "
               "order)".format(out=out, **r))
+    if show and "lc_win_rate" in r:
+        print("length-controlled win rate of B: {lc_win_rate:.2f}% ± {lc_standard_error:.2f} "
+              "(bootstrap standard error; length coefficient {length_coef:.2f}{term})\naverage "
+              "length (characters): A {avg_len_a:.0f}, B {avg_len_b:.0f}".format(
+                  term=", with the instruction term" * r["lc_instruction_term"], **r))
     return r
+
+def report_files(paths):
+    """--report: each pairwise file's win rates; the graded files' MT-bench table, one column per
+    model (files side by side, or several models in one file). -> the numbers."""
+    graded, out = {}, {}
+    for path in paths:
+        recs = judged_records(path)
+        if not any("turn" in r for r in recs):
+            out[path] = report(path, show=True)
+            continue
+        for model, numbers in S.mtbench(recs).items():
+            graded[f"{model} ({path})" if model in graded else model] = numbers
+    if graded:
+        print(S.mtbench_table(graded))
+    return out | graded
 
 def run():
     cfg = D.parse_config(AnnotateConfig)
     if cfg.report:
-        return report(cfg.report, show=True)
-    for name, ok in (("inconsistent", ("tie", "drop")), ("verdict", ("text", "logprobs"))):
+        return report_files(cfg.report)
+    for name, ok in (("inconsistent", ("tie", "drop")), ("verdict", ("text", "logprobs")),
+                     ("mode", ("pair", "single"))):
         if getattr(cfg, name) not in ok:
             raise SystemExit(f"error: --{name} must be {' or '.join(ok)}")
     log(json.dumps(asdict(cfg)))
-    pairs, other = load_pairs(cfg), other_path(cfg.out)
+    single = cfg.mode == "single"
+    if single and (cfg.a or cfg.b or not cfg.data):
+        raise SystemExit("error: --mode single grades --data ANSWERS.jsonl (no --a/--b)")
+    items = (MT.read_answers(cfg.data, cfg.questions, cfg.references) if single else
+             load_pairs(cfg))
+    other = other_path(cfg.out)
+    what = "answer turns" if single else "pairs"
     done, done_other = D.truncate_torn(cfg.out), D.truncate_torn(other)
     rest = [r for _, r in D.read_jsonl(other)] if done_other else []
     failed = {r["id"] for r in rest if r.get("status") == "failed"}
@@ -312,19 +395,20 @@ def run():
         D.write_jsonl_atomic(other, [r for r in rest if r.get("status") != "failed"])
         done_other -= failed
     elif failed:
-        log(f"{len(failed)} pairs failed in an earlier run: skipped (--retry-failed redoes them)")
-    todo = [p for p in pairs if p["id"] not in done | done_other]
-    log(f"{len(pairs)} pairs, {len(pairs) - len(todo)} already done, {len(todo)} to judge with "
+        log(f"{len(failed)} {what} failed in an earlier run: skipped (--retry-failed redoes them)")
+    todo = [p for p in items if p["id"] not in done | done_other]
+    log(f"{len(items)} {what}, {len(items) - len(todo)} already done, {len(todo)} to judge with "
         f"{cfg.judge_model}")
     if not todo:
-        return report(cfg.out, show=True)
+        return report_files([cfg.out])
     judge, counts = Judge(cfg), dict.fromkeys(("judged", "tie", "inconsistent", "failed"), 0)
     from tqdm import tqdm
     os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     for path in (cfg.out, other):
         D.append_jsonl(path, [])  # both files exist, even when empty
     with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
-        bar = tqdm(as_completed([pool.submit(judge.pair, p) for p in todo]), total=len(todo),
+        work = judge.grade if single else judge.pair
+        bar = tqdm(as_completed([pool.submit(work, p) for p in todo]), total=len(todo),
                    desc="judge", dynamic_ncols=True, file=sys.stderr)
         try:
             for fut in bar:
@@ -332,19 +416,19 @@ def run():
                 D.append_jsonl(cfg.out if status == "judged" else other, [rec])
                 counts[status] += 1
                 bar.set_postfix(counts)
-        except (Fatal, KeyboardInterrupt) as e:  # stop now: in-flight pairs are redone on a rerun
+        except (Fatal, KeyboardInterrupt) as e:  # stop now: in-flight items are redone on a rerun
             bar.close()
             fatal = isinstance(e, Fatal)
             log(f"error: {e}" if fatal else "interrupted: rerun the same command to resume")
             os._exit(1 if fatal else 130)  # don't wait for the workers' requests
     u = judge.usage
     cost = (u["prompt_tokens"] * cfg.price_in + u["completion_tokens"] * cfg.price_out) / 1e6
-    log(f"done: {counts['judged']} judged pairs -> {cfg.out}; {counts['tie']} ties, "
+    log(f"done: {counts['judged']} judged {what} -> {cfg.out}; {counts['tie']} ties, "
         f"{counts['inconsistent']} inconsistent, {counts['failed']} failed -> {other}")
     log(f"judge usage: {u['requests']} requests ({u['retries']} retries), {u['prompt_tokens']} "
         f"prompt + {u['completion_tokens']} completion tokens"
         + (f", estimated cost ${cost:.4f}" if cfg.price_in or cfg.price_out else ""))
-    report(cfg.out, show=True)
+    return report_files([cfg.out])
 
 if __name__ == "__main__":
     D.run_main(run)

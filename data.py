@@ -1,16 +1,18 @@
 """
-The data that flows between the stages: JSONL records with errors that name file and line,
-conversations (ours or ShareGPT's), the chat templates that render a conversation to token ids and
+The data that flows between the stages: JSONL records with errors that name file and line (and
+JSON arrays, streamed, with errors that name file and element), dataset folders, conversations
+(ours, ShareGPT's, AlpacaEval's), the chat templates that render a conversation to token ids and
 a loss mask, packing and token-budget batches, resume helpers, and the dataclass -> command-line
-config. No torch at import time: annotate.py, an HTTP client, loads this file alone.
+config. No torch at import time: annotate.py, an HTTP client, loads it without torch.
 """
-import argparse, dataclasses, functools, inspect, json, math, os, random, re, sys
+import argparse, dataclasses, functools, hashlib, inspect, json, math, os, random, re, sys
 
 class DataError(ValueError):
     """Bad input: the message starts with 'file:line:'; run_main prints it without a traceback."""
 
 # -------------------------------------------------------------------------------------------------
-# JSONL: read with file:line errors, append, write atomically, resume
+# JSONL (and JSON arrays): read with file:line (file.json[i]) errors, append, write
+# atomically, resume
 
 def read_jsonl(path):
     """Yield ('file:line', record); a malformed line raises DataError('file:line: ...')."""
@@ -36,6 +38,68 @@ def read_jsonl(path):
             yield where, rec
     if n == 0:
         raise DataError(f"{path}:1: empty file, no records")
+
+def is_json_array(path):
+    """A .json file holding one JSON array (AlpacaEval's, ShareGPT's), not JSONL."""
+    if not path.endswith(".json"):
+        return False
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith("[")
+
+def read_json_array(path, chunk=1 << 20):
+    """Yield ('file.json[i]', element) from a file holding one JSON array, streaming: elements are
+    decoded one at a time from a text buffer read on as needed (ShareGPT's file is 650 MB), never
+    the whole array at once. A bad element raises DataError('file.json[i]: reason')."""
+    dec, buf, pos, i, need = json.JSONDecoder(), "", 0, 0, chunk
+    with open(path, encoding="utf-8-sig") as f:
+        def read(n):
+            try:
+                return f.read(n)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}[{i}]: not UTF-8 ({e.reason})") from None
+
+        def peek():  # the next character that is not a space, reading on ('' at the end)
+            nonlocal buf, pos
+            while True:
+                while pos < len(buf) and buf[pos].isspace():
+                    pos += 1
+                if pos < len(buf) or not (got := read(chunk)):
+                    return buf[pos:pos + 1]
+                buf, pos = got, 0
+
+        def expect(chars):
+            nonlocal pos
+            if (c := peek()) == "" or c not in chars:
+                got = repr(c) if c else "the end of the file"
+                want = " or ".join(map(repr, chars))
+                raise DataError(f"{path}[{i}]: expected {want}, got {got}")
+            pos += 1
+            return c
+
+        expect("[")
+        if peek() == "]":
+            raise DataError(f"{path}[0]: empty array, no records")
+        while True:
+            peek()  # raw_decode takes no leading spaces
+            try:
+                rec, end, err = *dec.raw_decode(buf, pos), None
+            except json.JSONDecodeError as e:  # an element the buffer's end cut fails near it
+                cut = e.pos >= len(buf) - 6 or e.msg.startswith("Unterminated string")
+                rec, end, err = None, len(buf) if cut else e.pos, e
+            if end == len(buf) and (got := read(need)):  # (or a number that goes on): read on
+                buf, pos, need = buf[pos:] + got, 0, 2 * need  # doubling: re-parsed O(log) times
+                continue
+            if err:
+                raise DataError(f"{path}[{i}]: malformed JSON ({err.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}[{i}]: expected a JSON object, got {type(rec).__name__}")
+            yield f"{path}[{i}]", rec
+            pos, need, i = end, chunk, i + 1
+            if expect(",]") == "]":
+                break
+        if peek():
+            raise DataError(f"{path}[{i}]: text after the closing ']'")
 
 def dumps(rec):
     return json.dumps(rec, ensure_ascii=False) + "\n"
@@ -108,12 +172,24 @@ def get_messages(rec, where, prompt=False):
         raise DataError(f"{where}: {e}") from None
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
+def alpaca_record(rec):
+    """AlpacaEval's {"instruction", "input"?, "output"?, "generator", "dataset"} as ours: messages,
+    and an id made from the instruction (its files have none), the same on both sides of a
+    comparison, so --a alpaca_eval.json --b ours.json match by instruction."""
+    text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+    rid = rec.get("id") or "alpaca-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    return rec | {"id": rid, "messages": [{"role": "user", "content": text}]}
+
 def load_dataset_records(name, split="train"):
-    """A Hub dataset or a local dataset folder, through `datasets`: records, where='name[i]'."""
+    """A Hub dataset, a folder written by save_to_disk, or a folder of .json/.jsonl/.parquet files
+    (a cloned dataset repository), through `datasets`: records, where='name[i]'."""
     import datasets
+    saved = any(os.path.exists(os.path.join(name, f)) for f in ("state.json", "dataset_dict.json"))
+    kind = "parquet" if name.endswith(".parquet") and os.path.isfile(name) else None
     try:
-        ds = datasets.load_from_disk(name) if os.path.isdir(name) else \
-            datasets.load_dataset(name, split=split)
+        ds = (datasets.load_from_disk(name) if saved else
+              datasets.load_dataset(kind, data_files=name, split=split) if kind else
+              datasets.load_dataset(name, split=split))
     except Exception as e:
         raise DataError(f"{name}:0: cannot load dataset ({type(e).__name__}: {e})") from None
     if isinstance(ds, datasets.DatasetDict):
@@ -121,11 +197,17 @@ def load_dataset_records(name, split="train"):
     return [(f"{name}[{i}]", dict(r)) for i, r in enumerate(ds)]
 
 def read_records(paths, split="train"):
-    """--data values: JSONL files, or a dataset name/folder. -> list of (where, record)."""
+    """--data values: JSONL files, .json files holding one array, .parquet files, or a dataset
+    (a Hub name, or a folder: save_to_disk's, or of .json/.jsonl/.parquet files).
+    -> list of (where, record)."""
     out = []
     for p in paths:
-        is_file = p.endswith(".jsonl") or os.path.isfile(p)
-        out += list(read_jsonl(p)) if is_file else load_dataset_records(p, split)
+        if p.endswith(".parquet") or not (p.endswith((".jsonl", ".json")) or os.path.isfile(p)):
+            out += load_dataset_records(p, split)
+        elif os.path.isfile(p) and is_json_array(p):
+            out += read_json_array(p)
+        else:
+            out += read_jsonl(p)
     return out
 
 def scored_responses(rec, where, n=0):

@@ -16,6 +16,11 @@ rank r samples prompts r::world into OUT.rank{r} and rank 0 merges the shards in
 The output is appended a batch at a time: a killed run, restarted, skips the ids already written
 and loses only the batch in flight.
 
+MT-bench: a question in FastChat's format ({"question_id", "category", "turns": [...]}) is answered
+turn by turn, each turn from the conversation so far, the model's own earlier answers included, at
+its category's temperature; the record is in FastChat's answer format too (question_id, model_id,
+choices: [{index, turns}]), so FastChat's llm_judge reads it; annotate.py --mode single grades it.
+
 Reproducibility: each prompt samples from its own generator, seeded from (--seed, its id). Its
 responses therefore do not depend on which other prompts share its batch, on the number of ranks,
 or on resumes, except through the floating-point rounding of batched matmuls, which can flip a
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 import data as D
 import model as M
+import mtbench as MT
 
 @dataclass
 class Config:
@@ -60,14 +66,24 @@ class Config:
         # 1-16 rows faster, at n = 64 about bf16's speed on CPU (batched matmuls are compute-bound)
     compile: bool = False  # torch.compile the decode step (ours; C++ compiler needed): samples then
         # hold their prompt's keys (no cascade); compiles once (minutes on a small CPU), off: eager
+    category_temperature: str = ""  # MT-bench questions: CATEGORY=T,... over MT-bench's own
+        # temperatures (writing, roleplay 0.7; stem, humanities 0.1; extraction, math, coding,
+        # reasoning 0); other categories take --temperature; "off": --temperature for all
+    model_id: str = ""  # the model's name in MT-bench and AlpacaEval outputs (default: folder's)
+    alpaca_eval: str = ""  # also write each prompt's first response as AlpacaEval's model outputs
+        # to this file: a JSON array of {instruction, output, generator, dataset}
 
 # -------------------------------------------------------------------------------------------------
 # Data: prompts checked up front, so a bad line stops the run before any model is loaded
 
 def load_prompts(cfg):
-    prompts, seen = [], set()
+    """-> (prompts [(where, id, messages)], {id: MT-bench question}); a question's messages are
+    its first turn."""
+    prompts, seen, questions = [], set(), {}
     for where, rec in D.read_records(cfg.data, cfg.split):
-        rid = rec.get("id", rec.get("prompt_id"))
+        if "messages" not in rec and isinstance(rec.get("instruction"), str):
+            rec = D.alpaca_record(rec)  # AlpacaEval's evaluation set
+        rid = rec.get("id", rec.get("prompt_id", rec.get("question_id")))
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise D.DataError(f"{where}: a prompt needs an 'id' (string)")
         if str(rid) in seen:
@@ -76,8 +92,19 @@ def load_prompts(cfg):
         bare = "messages" not in rec and "conversations" not in rec  # hub sets with a bare prompt
         if bare and isinstance(rec.get("prompt"), str):
             rec = {"messages": [{"role": "user", "content": rec["prompt"]}]}
+        if bare and "turns" in rec:
+            questions[str(rid)] = check_question(rec, where)
+            rec = {"messages": [{"role": "user", "content": rec["turns"][0]}]}
         prompts.append((where, str(rid), D.get_messages(rec, where, prompt=True)))
-    return prompts[:cfg.limit] if cfg.limit else prompts
+    if questions and len(questions) < len(prompts):
+        raise D.DataError(f"{prompts[0][0]}: MT-bench questions mixed with other prompts")
+    return (prompts[:cfg.limit] if cfg.limit else prompts), questions
+
+def check_question(rec, where):
+    turns = rec["turns"]
+    if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
+        raise D.DataError(f"{where}: 'turns' must list the question's turns (strings)")
+    return rec
 
 def seed_of(seed, rid):  # stable across runs and machines (Python's hash() is salted per process)
     digest = hashlib.sha256(f"{seed}:{rid}".encode()).digest()
@@ -182,6 +209,87 @@ def reward_scores(model, tok, template, conversations, batch_tokens=16384, max_l
     return out.tolist()
 
 # -------------------------------------------------------------------------------------------------
+# MT-bench: two-turn questions, each turn answered from the conversation including the model's own
+# earlier answers; FastChat's answer format
+
+def sample_groups(sample_fn, prompts, n, rngs, temps):
+    """sample_fn over prompts that may differ in temperature: one call per temperature."""
+    out = [None] * len(prompts)
+    for t in sorted(set(temps)):
+        idx = [i for i, x in enumerate(temps) if x == t]
+        for i, res in zip(idx, sample_fn([prompts[i] for i in idx], n, [rngs[i] for i in idx], t)):
+            out[i] = res
+    return out
+
+def answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questions):
+    """The batch's questions, answered turn by turn: turn 1 from the question (n samples sharing
+    its prompt), turn k of each sample from that sample's own conversation. -> records in our
+    format (messages: sample 0's conversation up to the last question; responses: each sample's
+    last answer, all its turns in 'turns') and FastChat's (question_id, model_id, choices)."""
+    temp_of = MT.category_temperatures(cfg.category_temperature, cfg.temperature)
+    qs = [questions[it["id"]] for it in batch]
+    temps = [temp_of(q.get("category")) for q in qs]
+    convs = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> messages so far
+    answers = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> response dicts
+    for k in range(max(len(q["turns"]) for q in qs)):
+        # turn 1: a prompt per question, its n samples sharing it; later turns: a prompt per sample
+        rows = [(i, j) for i, q in enumerate(qs) if k < len(q["turns"])
+                for j in range(cfg.n if k else 1)]
+        asked = {(i, j): [{"role": "user", "content": qs[i]["turns"][k]}] for i, j in rows}
+        prompts, rngs = [], []
+        for i, j in rows:
+            ids = D.render(tok, convs[i][j] + asked[i, j], template, prompt=True)[0]
+            if len(ids) >= mcfg.max_position_embeddings:
+                raise D.DataError(f"question {batch[i]['id']}, turn {k + 1}: {len(ids)} tokens "
+                                  f"leave no room to answer (lower --max-new-tokens)")
+            prompts.append(ids)
+            rngs.append(rng_of(cfg, device, batch[i]["id"] if k == 0 else
+                               f"{batch[i]['id']}/turn{k + 1}/{j}"))
+        results = sample_groups(sample_fn, prompts, 1 if k else cfg.n, rngs,
+                                [temps[i] for i, _ in rows])
+        for (i, j), res in zip(rows, results):
+            for jj, r in zip(range(j, j + len(res)), res):  # turn 1: samples 0..n-1; then j
+                r["truncated"] = r["finish_reason"] == "length"
+                answers[i][jj].append(r)
+                convs[i][jj] = convs[i][jj] + asked[i, j] + [{"role": "assistant",
+                                                              "content": r["content"]}]
+    model_id = model_name(cfg)
+    recs = []
+    for it, q, conv, ans, t in zip(batch, qs, convs, answers, temps):
+        responses = [a[-1] | {"turns": a} for a in ans]
+        recs.append({"id": it["id"], "messages": conv[0][:-1], "responses": responses,
+                     "model": cfg.model or M.default_model(), "sampling": {"temperature": t},
+                     "question_id": q["question_id"], "category": q.get("category"),
+                     "turns": q["turns"], "model_id": model_id,
+                     "answer_id": hashlib.sha256(f"{model_id}:{it['id']}".encode()).hexdigest(),
+                     "choices": [{"index": j, "turns": [r["content"] for r in a]}
+                                 for j, a in enumerate(ans)], "tstamp": time.time()}
+                    | ({"reference": q["reference"]} if "reference" in q else {}))
+    return recs
+
+def model_name(cfg):
+    return cfg.model_id or os.path.basename(os.path.normpath(cfg.model or M.default_model()))
+
+def write_alpaca_eval(cfg):
+    """--alpaca-eval FILE: OUT's first responses in AlpacaEval's shape, instructions and datasets
+    from the input prompts (whole, so it lists a resumed run's earlier records too)."""
+    answers = {r["id"]: r["responses"][0]["content"] for _, r in D.read_jsonl(cfg.out)}
+    out = []
+    for where, rec in D.read_records(cfg.data, cfg.split):
+        if "messages" not in rec and isinstance(rec.get("instruction"), str):
+            rec = D.alpaca_record(rec)
+        rid = str(rec.get("id", rec.get("prompt_id", rec.get("question_id"))))
+        if rid in answers:
+            text = rec.get("instruction") or D.get_messages(rec, where, prompt=True)[-1]["content"]
+            extra = {"input": rec["input"]} if rec.get("input") else {}  # keeps the ids equal
+            out.append({"instruction": text} | extra | {"output": answers[rid],
+                       "generator": model_name(cfg), "dataset": rec.get("dataset", "")})
+    with open(cfg.alpaca_eval + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(out, f, ensure_ascii=False, indent=2)
+    os.replace(cfg.alpaca_eval + ".tmp", cfg.alpaca_eval)
+    print(f"{len(out)} outputs in AlpacaEval's format -> {cfg.alpaca_eval}")
+
+# -------------------------------------------------------------------------------------------------
 
 def load_engine(cfg, device, dtype):
     """-> (sample_fn(prompts, n, rngs), tokenizer, template, model config)."""
@@ -204,10 +312,11 @@ def load_engine(cfg, device, dtype):
         llm = LLM(model=hf_path, dtype=str(dtype).removeprefix("torch."), seed=cfg.seed)
     template = D.get_template(saved, cfg.template)
     eos = D.stop_ids(tok, template, mcfg.eos_token_id)
-    def sample_fn(prompts, n, rngs, on_token=None):
+    def sample_fn(prompts, n, rngs, temperature=None, on_token=None):
+        c = cfg if temperature is None else dataclasses.replace(cfg, temperature=temperature)
         if cfg.engine == "ours":
-            return sample_ours(model, tok, eos, cfg, prompts, n, rngs, on_token)
-        return sample_vllm(llm, eos, cfg, prompts, n, rngs)
+            return sample_ours(model, tok, eos, c, prompts, n, rngs, on_token)
+        return sample_vllm(llm, eos, c, prompts, n, rngs)
     return sample_fn, tok, template, mcfg
 
 def run(argv=None):
@@ -219,6 +328,7 @@ def run(argv=None):
                          "(prompts JSONL: {id, messages} ending with a user turn)")
     try:  # before any model is loaded
         M.check_sampling(cfg.n, cfg.temperature, cfg.top_p, cfg.top_k)
+        MT.category_temperatures(cfg.category_temperature, cfg.temperature)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if cfg.engine not in ("ours", "vllm"):
@@ -228,7 +338,9 @@ def run(argv=None):
                          "with --engine ours")
     if cfg.compile and cfg.device != "cuda" and not M.compiler_available():
         raise SystemExit("error: --compile needs a C++ compiler (g++) for torch's CPU inductor")
-    prompts = load_prompts(cfg)
+    prompts, questions = load_prompts(cfg)
+    if questions and (cfg.reward_model or cfg.unique):
+        raise SystemExit("error: MT-bench questions take no --reward-model or --unique")
     # gloo just for barriers and the final sum, with room for ranks that finish hours apart
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
@@ -278,11 +390,15 @@ def run(argv=None):
         if bar.n % 256 == 0:
             bar.set_postfix_str(f"{live[0] / (time.time() - t0):.1f} tokens/s", refresh=False)
     for batch in batches(items, cfg):
-        rngs = [rng_of(cfg, device, it["id"]) for it in batch]
         start = live[0]
-        results = sample_fn([it["ids"] for it in batch], cfg.n, rngs, on_token)
+        if questions:  # MT-bench: every turn of each question, in its own loop (bar: per batch)
+            recs = answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questions)
+            recs = [r | {"sampling": sampling | r["sampling"]} for r in recs]
+            results = []
+        else:
+            rngs = [rng_of(cfg, device, it["id"]) for it in batch]
+            results, recs = sample_fn([it["ids"] for it in batch], cfg.n, rngs, None, on_token), []
         bar.update(len(batch) * cfg.n * cfg.max_new_tokens - (live[0] - start))
-        recs = []
         for it, res in zip(batch, results):
             recs.append({"id": it["id"], "messages": it["messages"], "responses": res,
                          "model": cfg.model or M.default_model(), "sampling": sampling})
@@ -292,6 +408,7 @@ def run(argv=None):
                 tries = cfg.unique_tries if cfg.temperature > 0 else 0
                 recs[-1]["duplicates"] = dedupe(res, resample, tries)
         flat = [x for r in recs for x in r["responses"]]
+        flat += [t for r in recs for x in r["responses"] for t in x.get("turns", [])[:-1]]
         for x in flat:  # cut at --max-new-tokens: never finished, so scored without an EOS
             x["truncated"] = x["finish_reason"] == "length"
         if cfg.reward_model:  # every response of the batch in packed RM forwards
@@ -313,6 +430,8 @@ def run(argv=None):
     tokens, sampled = counts.tolist()
     if rank == 0:
         merge(cfg.out)
+        if cfg.alpaca_eval:
+            write_alpaca_eval(cfg)
         print(f"sampled {int(sampled)} prompts ({len(prompts) - int(sampled)} were done already), "
               f"{int(tokens)} tokens in {dt:.1f}s: {tokens / max(dt, 1e-9):.1f} tokens/s over "
               f"{world} rank(s); peak memory {M.peak_memory_gb(device):.2f} GB (rank 0) "

@@ -1,9 +1,10 @@
-import ast, json, math, os, re, statistics, subprocess, sys, threading, time
+import ast, json, math, os, random, re, statistics, subprocess, sys, threading, time
 from collections import defaultdict
 from http.server import ThreadingHTTPServer, BaseHTTPRequestHandler
 import pytest
 from conftest import D, M, T, ROOT, make_checkpoint, run_script, write_jsonl
 import annotate as A
+import scores as S
 
 KEY = "sk-test-SECRET-0123456789abcdef"
 
@@ -12,9 +13,11 @@ class Judge:
     ans-ID-b); the reply shown first picks the script: script[(ID, "a" | "b")] is a list of actions
     consumed one per request (the last one repeats): ("ok", text), ("429", retry_after), ("500",),
     ("400",), ("sleep", seconds) (answers after the client gave up), ("lp", {token: probability}) (a
-    one-token reply with those top_logprobs). Bad keys get a 401 echoing the key."""
-    def __init__(self, script, delay=0.0):
+    one-token reply with those top_logprobs), ("lps", [{token: probability}, ...]) (a reply of one token a position).
+    Bad keys get a 401 echoing the key. route(request) -> (ID, a|b): another way to find the script."""
+    def __init__(self, script, delay=0.0, route=None):
         self.script, self.delay, self.log, self.lock = script, delay, [], threading.Lock()
+        route = route or (lambda req: re.search(r"ans-(\w+)-([ab])", req["messages"][1]["content"]).groups())
         self.used, self.requests = defaultdict(int), []
         judge = self
 
@@ -39,7 +42,7 @@ class Judge:
                 if self.headers.get("Authorization") != f"Bearer {KEY}":
                     key = self.headers.get("Authorization", "").removeprefix("Bearer ")
                     return self.reply(401, {"error": {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}})
-                pid, first = re.search(r"ans-(\w+)-([ab])", req["messages"][1]["content"]).groups()
+                pid, first = route(req)
                 with judge.lock:
                     acts = judge.script[(pid, first)]
                     act = acts[min(judge.used[(pid, first)], len(acts) - 1)]
@@ -54,9 +57,11 @@ class Judge:
                 if act[0] == "sleep":
                     time.sleep(act[1])
                 text, logprobs = act[-1], None
-                if act[0] == "lp":
-                    top = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in act[1].items()]
-                    text, logprobs = top[0]["token"], {"content": [top[0] | {"top_logprobs": top}]}
+                if act[0] in ("lp", "lps"):
+                    tops = [[{"token": t, "logprob": math.log(p), "bytes": list(t.encode())} for t, p in pos.items()]
+                            for pos in (act[1] if act[0] == "lps" else [act[1]])]
+                    text = "".join(top[0]["token"] for top in tops)
+                    logprobs = {"content": [top[0] | {"top_logprobs": top} for top in tops]}
                 self.reply(200, {"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                                               "finish_reason": "stop"}],
@@ -277,6 +282,9 @@ def test_against_chat_serve(tmp_path, monkeypatch, bpe_tokenizer):
                      "--max-tokens", "8", "--workers", "2", "--backoff", "0.01")
         run_annotate(monkeypatch, "--data", data, "--out", out + ".lp.jsonl", "--base-url", url, "--judge-model", "tiny",
                      "--verdict", "logprobs", "--workers", "2", "--backoff", "0.01")
+        answers = write_jsonl(tmp_path / "answers.jsonl", [answer(q, "tiny") for q in (QS[0], QS[2])])
+        run_annotate(monkeypatch, "--mode", "single", "--data", answers, "--out", out + ".mt.jsonl", "--base-url", url,
+                     "--judge-model", "tiny", "--verdict", "logprobs", "--workers", "2", "--backoff", "0.01")
     finally:
         proc.kill()
         proc.wait()
@@ -287,3 +295,206 @@ def test_against_chat_serve(tmp_path, monkeypatch, bpe_tokenizer):
         assert not any("HTTP" in r.get("error", "") or "no logprobs" in r.get("error", "") for r in recs)  # all answered
     for r in read(out + ".lp.jsonl") + read(A.other_path(out + ".lp.jsonl")):  # a random model rarely has A or B in its top 20
         assert 0 <= r["judge"]["p"] <= 1 if "judge" in r else len(ast.literal_eval(r["error"].split("tokens: ")[1])) == 20
+    graded = read(out + ".mt.jsonl") + read(A.other_path(out + ".mt.jsonl"))  # MT-bench grades through the same server
+    assert sorted(r["id"] for r in graded) == ["tiny/111/1", "tiny/111/2", "tiny/81/1", "tiny/81/2"]
+    for r in graded:  # a random model rarely has a digit in its top 20; when it has, a score in range
+        assert 1 <= r["score"] <= 10 if "score" in r else len(ast.literal_eval(r["error"].split("tokens: ")[1])) == 20
+
+# ---- MT-bench: single-answer grading, the report's table, FastChat's judge prompts
+def last_marker(req):  # the answer being graded is the last one shown (turn 2 shows answer 1 before it)
+    return re.findall(r"ans-(\w+)-([ab])", req["messages"][1]["content"])[-1]
+
+def rated(n, why="Fine."):
+    return ("ok", f"{why}\nRating: [[{n}]]")
+
+QS = [{"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Now shorter."]},
+      {"question_id": 82, "category": "writing", "turns": ["Write an email.", "Now formal."]},
+      {"question_id": 111, "category": "math", "turns": ["What is 2+2?", "And 3+3?"]},
+      {"question_id": 131, "category": "stem", "turns": ["What is DNA?", "And RNA?"]}]
+
+def answer(q, model, ours=True):  # ours: sample.py's record (the question inside); else FastChat's answer alone
+    turns = [f"answer ans-{model}x{q['question_id']}-a", f"answer ans-{model}x{q['question_id']}-b"]
+    rec = {"question_id": q["question_id"], "model_id": model, "choices": [{"index": 0, "turns": turns}]}
+    return rec | ({"id": str(q["question_id"]), "category": q["category"], "turns": q["turns"]} if ours else {}) | (
+        {"reference": q["reference"]} if ours and "reference" in q else {})
+
+def test_mtbench_grading_report_retries_and_resume(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    grades = {("m1", 81): (8, 6), ("m1", 82): (6, 3), ("m1", 111): (2, 1), ("m1", 131): (9, 7),
+              ("m2", 81): (5, 5), ("m2", 82): (4, 4), ("m2", 111): (10, 10), ("m2", 131): (3, 2)}
+    script = {(f"{m}x{q}", t): [rated(g[i])] for (m, q), g in grades.items() for i, t in enumerate("ab")}
+    script[("m1x82", "a")] = [("ok", "It is decent; I'd give it a six."), rated(6)]  # unparseable, then fine on the reminder
+    script[("m2x131", "b")] = [("ok", "no rating"), ("ok", "Rating: [[11]]")]        # never parseable: failed
+    script[("m2x82", "a")] = [("429", 0), rated(4)]                                  # retried
+    judge = Judge(script, route=last_marker)
+    m1 = write_jsonl(tmp_path / "m1.jsonl", [answer(q, "m1") for q in QS])
+    m2 = write_jsonl(tmp_path / "m2.jsonl", [answer(q, "m2", ours=False) for q in QS])
+    qfile = write_jsonl(tmp_path / "question.jsonl", QS)
+    refs = write_jsonl(tmp_path / "ref.jsonl", [{"question_id": 111, "model_id": "gpt-4",
+                                                 "choices": [{"index": 0, "turns": ["REF-FOUR", "REF-SIX"]}]}])
+    o1, o2 = str(tmp_path / "g1.jsonl"), str(tmp_path / "g2.jsonl")
+    common = ["--mode", "single", "--base-url", judge.url, "--judge-model", "judge-x", "--workers", "3", "--backoff", "0.01",
+              "--references", refs]
+    try:
+        run_annotate(monkeypatch, *common, "--data", m1, "--out", o1)
+        with pytest.raises(D.DataError, match="m2.jsonl:1: question 81 is not in the record: give --questions"):
+            run_annotate(monkeypatch, *common, "--data", m2, "--out", o2)
+        run_annotate(monkeypatch, *common, "--data", m2, "--out", o2, "--questions", qfile)
+        n = len(judge.log)
+        run_annotate(monkeypatch, *common, "--data", m2, "--out", o2, "--questions", qfile)  # resume: all done
+        assert len(judge.log) == n
+        lines = open(o1).readlines()  # a kill after 5 records, the 6th torn: only the missing turns are graded again
+        open(o1, "w").write("".join(lines[:5]) + lines[5][:20])
+        run_annotate(monkeypatch, *common, "--data", m1, "--out", o1)
+        missing = {json.loads(l)["id"] for l in lines[5:]}
+        assert {(p, f) for p, f, *_ in judge.log[n:]} == {(f"m1x{i.split('/')[1]}", "ab"[int(i[-1]) - 1]) for i in missing}
+    finally:
+        judge.close()
+    g1, g2 = {r["id"]: r for r in read(o1)}, {r["id"]: r for r in read(o2)}
+    assert len(g1) == 8 and len(g2) == 7 and [r["id"] for r in read(A.other_path(o2))] == ["m2/131/2"]
+    assert "no rating" in read(A.other_path(o2))[0]["error"] and read(A.other_path(o2))[0]["status"] == "failed"
+    assert {i: r["score"] for i, r in g1.items()} == {f"m1/{q}/{t + 1}": float(g[t]) for (m, q), g in grades.items()
+                                                       if m == "m1" for t in range(2)}
+    assert [a for p, f, a, *_ in judge.log if (p, f) == ("m1x82", "a")] == ["ok", "ok"]  # one reminder
+    r = g1["m1/111/2"]  # math: against the reference, the whole conversation in view
+    assert r["judge"] == ["judge-x", "single-ref-multi-turn"] and r["turn"] == 2 and r["category"] == "math"
+    assert all(s in r["user_prompt"] for s in ("What is 2+2?", "ans-m1x111-a", "And 3+3?", "ans-m1x111-b", "REF-FOUR", "REF-SIX"))
+    assert g1["m1/81/1"]["judge"][1] == "single" and "REF" not in g1["m1/81/1"]["user_prompt"]
+    assert g1["m1/131/2"]["judge"][1] == "single-multi-turn" and "What is DNA?" in g1["m1/131/2"]["user_prompt"]
+    assert g2["m2/111/1"]["judge"][1] == "single-ref" and "REF-FOUR" in g2["m2/111/1"]["user_prompt"]
+    # the report: per turn, overall, per category, hand-computed; two files side by side
+    capsys.readouterr()
+    out = A.report_files([o1, o2])
+    assert out["m1"]["turn 1"] == pytest.approx((8 + 6 + 2 + 9) / 4) and out["m1"]["turn 2"] == pytest.approx((6 + 3 + 1 + 7) / 4)
+    assert out["m1"]["overall"] == pytest.approx(42 / 8)
+    assert out["m1"]["categories"] == pytest.approx({"writing": (8 + 6 + 6 + 3) / 4, "math": 1.5, "stem": 8.0})
+    assert out["m2"]["turn 2"] == pytest.approx((5 + 4 + 10) / 3) and out["m2"]["overall"] == pytest.approx(41 / 7)
+    assert out["m2"]["categories"]["stem"] == 3.0 and (out["m2"]["graded"], out["m2"]["failed"]) == (7, 1)
+    table = capsys.readouterr().out
+    assert "| MT-bench | m1 | m2 |" in table and "| turn 1 | 6.25 | 5.50 |" in table and "| math | 1.50 | 10.00 |" in table
+    assert "| graded / failed turns | 8 / 0 | 7 / 1 |" in table
+
+def test_mtbench_judge_prompts_file_and_logprob_ratings(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    prompts = [{"name": "pair-v2", "type": "pairwise", "system_prompt": "x", "prompt_template": "{question}", "description": "",
+                "category": "general", "output_format": "[[A]]"}]
+    for name, cat, tmpl in [("single-v1", "general", "ONE Q={question} A={answer}"),
+                            ("single-math-v1", "math", "ONEREF Q={question} R={ref_answer_1} A={answer}"),
+                            ("single-v1-multi-turn", "general", "TWO {question_1}|{answer_1}|{question_2}|{answer_2}"),
+                            ("single-math-v1-multi-turn", "math", "TWOREF {ref_answer_1}|{ref_answer_2}|{question_1}|"
+                                                                   "{answer_1}|{question_2}|{answer_2}")]:
+        prompts.append({"name": name, "type": "single", "system_prompt": f"SYS-{name}", "prompt_template": tmpl,
+                        "description": "", "category": cat, "output_format": "[[rating]]"})
+    pfile = write_jsonl(tmp_path / "judge_prompts.jsonl", prompts)
+    qs = [QS[0], QS[2] | {"reference": ["REF-A", "REF-B"]}]  # a reference inside the question
+    data = write_jsonl(tmp_path / "a.jsonl", [answer(q, "m") for q in qs])
+    script = {("mx81", "a"): [rated(7)], ("mx81", "b"): [rated(3)], ("mx111", "a"): [rated(9)], ("mx111", "b"): [rated(2)]}
+    judge = Judge(script, route=last_marker)
+    out = str(tmp_path / "g.jsonl")
+    try:
+        run_annotate(monkeypatch, "--mode", "single", "--data", data, "--out", out, "--base-url", judge.url,
+                     "--judge-prompts", pfile, "--backoff", "0.01")
+    finally:
+        judge.close()
+    g = {r["id"]: r for r in read(out)}
+    assert {i: (r["judge"][1], r["score"]) for i, r in g.items()} == {
+        "m/81/1": ("single-v1", 7.0), "m/81/2": ("single-v1-multi-turn", 3.0),
+        "m/111/1": ("single-math-v1", 9.0), "m/111/2": ("single-math-v1-multi-turn", 2.0)}
+    by_prompt = {req["messages"][0]["content"]: req["messages"][1]["content"] for req in judge.requests}
+    assert by_prompt["SYS-single-v1"] == "ONE Q=Write a poem. A=answer ans-mx81-a"
+    assert by_prompt["SYS-single-math-v1-multi-turn"] == (
+        "TWOREF REF-A|REF-B|What is 2+2?|answer ans-mx111-a|And 3+3?|answer ans-mx111-b")
+    # --verdict logprobs: the rating alone, scored as the probability-weighted mean of the rating tokens
+    script = {("mx81", "a"): [("lps", [{"7": 0.5, "8": 0.3, "²": 0.1, "Sure": 0.1}, {"\n": 1.0}])],  # "²" is no rating
+              ("mx81", "b"): [("lps", [{"1": 0.6, "9": 0.2, "x": 0.2}, {"0": 0.75, "\n": 0.25}])],  # "10" as "1" "0"
+              ("mx111", "a"): [("lps", [{"The": 0.9, "I": 0.1}])],  # no rating token: failed
+              ("mx111", "b"): [("lps", [{"Rating": 0.9, "The": 0.1}, {":": 1.0}, {" [[": 1.0}, {" 3": 0.5, "4": 0.5},
+                                        {"]]": 1.0}])]}  # read at the first digit written
+    judge = Judge(script, route=last_marker)
+    out = str(tmp_path / "lp.jsonl")
+    try:
+        run_annotate(monkeypatch, "--mode", "single", "--data", data, "--out", out, "--base-url", judge.url,
+                     "--verdict", "logprobs", "--backoff", "0.01")
+    finally:
+        judge.close()
+    assert all(r["max_tokens"] == 8 and r["logprobs"] is True and r["top_logprobs"] == 20 and
+               r["messages"][1]["content"].endswith("on a scale of 1 to 10? Reply with the number only.") for r in judge.requests)
+    assert {tuple(r["judge"]) for r in read(out)} >= {("gpt-4o", "rate-only"), ("gpt-4o", "rate-only-multi-turn")}
+    g = {r["id"]: r for r in read(out)}
+    assert g["m/81/1"]["score"] == pytest.approx((7 * 0.5 + 8 * 0.3) / 0.8)
+    assert g["m/81/2"]["score"] == pytest.approx((10 * 0.45 + 1 * 0.15 + 9 * 0.2) / 0.8)
+    assert g["m/111/2"]["score"] == pytest.approx(3.5) and g["m/81/2"]["rating_probs"]["10"] == pytest.approx(0.45 / 0.8)
+    assert [r["id"] for r in read(A.other_path(out))] == ["m/111/1"]
+
+# ---- Length control (AlpacaEval 2.0) on synthetic judgments
+def synthetic_judgments(path, prefer_longer, n=600, seed=0):
+    rng, recs = random.Random(seed), []
+    lens = [(la := rng.randint(200, 1500), max(1, la + int(rng.gauss(400, 500)))) for _ in range(n)]
+    sd = statistics.pstdev([lb - la for la, lb in lens])
+    for i, (la, lb) in enumerate(lens):
+        p_b = 1 / (1 + math.exp(-4 * math.tanh((lb - la) / sd))) if prefer_longer else 0.7
+        a, b, winner = "a" * la, "b" * lb, "B" if rng.random() < p_b else "A"
+        if i % 10 == 0:  # a few ties, which keep their responses
+            recs.append({"id": f"t{i}", "status": "tie", "responses": [a, b], "judge": {"winner": "tie", "consistent": True}})
+            continue
+        chosen, rejected = (b, a) if winner == "B" else (a, b)
+        recs.append({"id": f"j{i}", "messages": [], "chosen": chosen, "rejected": rejected, "strength": 2.0,
+                     "judge": {"winner": winner, "consistent": True}})
+    write_jsonl(path, recs)
+    return lens
+
+def test_length_controlled_win_rate(tmp_path, capsys):
+    out = str(tmp_path / "longer.jsonl")
+    lens = synthetic_judgments(out, prefer_longer=True)
+    r = A.report(out, show=True)
+    assert r["n"] == 600 and r["win_rate"] > 70  # B is longer on most prompts, and the judge likes length
+    assert abs(r["lc_win_rate"] - 50) < 8 and r["win_rate"] - r["lc_win_rate"] > 15 and r["length_coef"] > 2
+    assert 0 < r["lc_standard_error"] < 5
+    assert r["avg_len_a"] == pytest.approx(statistics.mean(la for la, _ in lens))
+    assert r["avg_len_b"] == pytest.approx(statistics.mean(lb for _, lb in lens))
+    text = capsys.readouterr().out
+    assert f"length-controlled win rate of B: {r['lc_win_rate']:.2f}% ± {r['lc_standard_error']:.2f}" in text
+    assert f"average length (characters): A {r['avg_len_a']:.0f}, B {r['avg_len_b']:.0f}" in text
+    out = str(tmp_path / "blind.jsonl")  # a judge blind to length: the two rates agree
+    synthetic_judgments(out, prefer_longer=False)
+    r = A.report(out)
+    assert 60 < r["win_rate"] < 75 and abs(r["lc_win_rate"] - r["win_rate"]) < 3 and abs(r["length_coef"]) < 0.5
+
+def test_logistic_fit_matches_known_coefficients():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    X = np.c_[np.ones(20000), rng.normal(size=(20000, 2))]
+    w = np.array([0.3, -1.2, 2.0])
+    y = (rng.random(20000) < 1 / (1 + np.exp(-X @ w))).astype(float)
+    assert np.allclose(S.fit_logistic(X, y, l2=0.0), w, atol=0.08)
+    sep = S.fit_logistic(X[:200], (X[:200, 1] > 0).astype(float))  # separable: finite, the right sign
+    assert np.all(np.isfinite(sep)) and sep[1] > 5
+
+# ---- The files people have: AlpacaEval's JSON array as --a, a folder of parquet files as --b
+def test_alpaca_eval_array_and_parquet_folder(tmp_path, monkeypatch):
+    import datasets
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    qs = ["Name a fruit.", "Say hi, [politely]."]
+    ref = [{"instruction": q, "output": f"ref ans-e{i}-a", "generator": "gpt4_1106_preview", "dataset": "helpful_base"}
+           for i, q in enumerate(qs)]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(ref, indent=4))
+    ours = [{"instruction": q, "output": f"ours ans-e{i}-b", "generator": "mine", "dataset": "helpful_base"}
+            for i, q in reversed(list(enumerate(qs)))]
+    (tmp_path / "ours").mkdir()
+    datasets.Dataset.from_list(ours).to_parquet(str(tmp_path / "ours" / "train.parquet"))
+    judge = Judge({("e0", "a"): [ok("A better")], ("e0", "b"): [ok("B better")],
+                   ("e1", "a"): [ok("B better")], ("e1", "b"): [ok("A much better")]})
+    out = str(tmp_path / "win.jsonl")
+    try:
+        run_annotate(monkeypatch, "--a", str(tmp_path / "alpaca_eval.json"), "--b", str(tmp_path / "ours"), "--out", out,
+                     "--base-url", judge.url, "--backoff", "0.01")
+    finally:
+        judge.close()
+    got = {r["messages"][0]["content"]: r["chosen"] for r in read(out)}
+    assert got == {"Name a fruit.": "ref ans-e0-a", "Say hi, [politely].": "ours ans-e1-b"}
+    assert A.report(out)["win_rate"] == pytest.approx(50.0)
+    bad = ref + [{"instruction": "x", "output": ["not", "a string"]}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    p = run_script("annotate.py", "--a", str(tmp_path / "bad.json"), "--b", str(tmp_path / "alpaca_eval.json"),
+                   "--out", str(tmp_path / "o.jsonl"), check=False)
+    assert p.returncode == 2 and f"{tmp_path / 'bad.json'}[2]: 'responses' must list a response" in p.stderr, p.stderr

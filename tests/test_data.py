@@ -1,4 +1,5 @@
 """data.py: templates and loss masks, JSONL errors, ShareGPT, resume helpers."""
+import json, re
 import pytest
 from conftest import D, write_jsonl
 
@@ -174,3 +175,22 @@ def test_special_token_added_later_is_text(bpe_tokenizer):
     tok.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
     tool = tok.convert_tokens_to_ids("<|tool|>")
     assert tool not in D.render(tok, msgs, "chatml", prompt=True)[0]
+
+
+def test_json_array_files_stream_with_element_errors(tmp_path):
+    recs = [{"id": f"s{i}", "conversations": [{"from": "human", "value": "a ], [ \"b\" {" * i}, {"from": "gpt", "value": "ok, }"}]}
+            for i in range(50)]
+    p = tmp_path / "sharegpt.json"
+    p.write_text(json.dumps(recs, indent=2))
+    for chunk in (1, 5, 1 << 20):  # elements cut anywhere by the read buffer, strings holding brackets and commas
+        assert [r for _, r in D.read_json_array(str(p), chunk=chunk)] == recs
+    assert [w for w, _ in D.read_records([str(p)])][:2] == [f"{p}[0]", f"{p}[1]"]
+    for text, err in [('[{"id": "a"}, {"id": "b",}, {"id": "c"}]', "[1]: malformed JSON"),
+                      ('[{"id": "a"}, "b"]', "[1]: expected a JSON object, got str"),
+                      ('[{"id": "a"} {"id": "b"}]', "[1]: expected ',' or ']'"),
+                      ('[{"id": "a"}, {"id": "b"', "[1]: malformed JSON"), ("[]", "[0]: empty array")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(D.DataError, match=re.escape(f"bad.json{err}")):
+            D.read_records([str(tmp_path / "bad.json")])
+    (tmp_path / "lines.json").write_text('{"id": "a"}\n{"id": "b"}\n')  # JSONL named .json: still JSONL
+    assert [w for w, _ in D.read_records([str(tmp_path / "lines.json")])] == [f"{tmp_path / 'lines.json'}:1", f"{tmp_path / 'lines.json'}:2"]

@@ -226,3 +226,65 @@ def test_bad_sampling_parameter_cli_is_one_line(tmp_path):
                    "--top-p", "0", check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines() == [p.stderr.strip()]
     assert p.stderr.startswith("error: top_p must be in (0, 1]"), p.stderr
+
+QUESTIONS = [{"question_id": 81, "category": "writing", "turns": ["tell me about the fox", "and the dog"]},
+             {"question_id": 111, "category": "math", "turns": ["one plus two", "two plus three"]},
+             {"question_id": 131, "category": "extraction", "turns": ["what city is the capital of france"]}]
+
+def test_mtbench_two_turns(tmp_path, tiny_chatml, monkeypatch):
+    data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
+    calls = []  # every prompt the engine is given, with its temperature
+    real = sample.sample_ours
+    monkeypatch.setattr(sample, "sample_ours", lambda model, tok, eos, cfg, prompts, n, gens:
+                        calls.append((cfg.temperature, n, prompts)) or real(model, tok, eos, cfg, prompts, n, gens))
+    flags = ["--n", 2, "--max-new-tokens", 6, "--model-id", "tiny", "--category-temperature", "writing=1.0"]
+    recs = {r["id"]: r for r in sample_run(tiny_chatml, data, tmp_path / "a.jsonl", *flags)}
+    _, tok, template = M.load_model(tiny_chatml)
+    assert sorted(recs) == ["111", "131", "81"]
+    for q in QUESTIONS:
+        r = recs[str(q["question_id"])]
+        assert r["question_id"] == q["question_id"] and r["model_id"] == "tiny" and r["category"] == q["category"]
+        assert [c["index"] for c in r["choices"]] == [0, 1] and all(len(c["turns"]) == len(q["turns"]) for c in r["choices"])
+        assert r["sampling"]["temperature"] == {"writing": 1.0, "math": 0.0, "extraction": 0.0}[q["category"]]
+        for j, c in enumerate(r["choices"]):
+            assert [t["content"] for t in r["responses"][j]["turns"]] == c["turns"]
+            if len(q["turns"]) == 2:  # turn 2's prompt: q1, this sample's own answer 1, q2, rendered
+                conv = [{"role": "user", "content": q["turns"][0]}, {"role": "assistant", "content": c["turns"][0]},
+                        {"role": "user", "content": q["turns"][1]}]
+                ids = D.render(tok, conv, template, prompt=True)[0]
+                assert any(ids in p for t, n, p in calls if n == 1 and t == r["sampling"]["temperature"])
+                assert r["responses"][j]["content"] == c["turns"][1]
+        if q["category"] != "writing":  # greedy: both samples alike
+            assert r["choices"][0]["turns"] == r["choices"][1]["turns"]
+    assert recs["81"]["messages"] == [{"role": "user", "content": "tell me about the fox"},
+                                      {"role": "assistant", "content": recs["81"]["choices"][0]["turns"][0]},
+                                      {"role": "user", "content": "and the dog"}]
+    assert {t for t, _, _ in calls} == {1.0, 0.0}
+    # deterministic: a rerun elsewhere gives the same answers; and a rerun on the same file does nothing
+    again = {r["id"]: r for r in sample_run(tiny_chatml, data, tmp_path / "b.jsonl", *flags)}
+    assert all(again[i]["choices"] == recs[i]["choices"] for i in recs)
+    n_calls = len(calls)
+    assert len(sample_run(tiny_chatml, data, tmp_path / "a.jsonl", *flags)) == 3 and len(calls) == n_calls
+    # under torchrun: each rank answers its share of the questions, merged into one file
+    run_script("--", "sample.py", "--model", tiny_chatml, "--data", data, "--out", str(tmp_path / "t.jsonl"), "--dtype", "float32",
+               *map(str, flags), nproc=2)
+    two = {r["id"]: r for r in read(tmp_path / "t.jsonl")}
+    assert sorted(two) == sorted(recs) and all(two[i]["choices"] == recs[i]["choices"] for i in recs)
+
+def test_alpaca_eval_files(tmp_path, tiny_chatml):
+    """AlpacaEval's evaluation set in (a JSON array), ours out in the same shape: annotate.py matches the two."""
+    import annotate
+    evalset = [{"instruction": "tell me about the fox", "output": "ref one", "generator": "gpt4", "dataset": "koala"},
+               {"instruction": "what city", "input": "paris or rome", "output": "ref two", "generator": "gpt4", "dataset": "oasst"}]
+    (tmp_path / "alpaca_eval.json").write_text(json.dumps(evalset))
+    data, ours = str(tmp_path / "alpaca_eval.json"), str(tmp_path / "ours.json")
+    recs = sample_run(tiny_chatml, data, tmp_path / "o.jsonl", "--n", 1, "--max-new-tokens", 4, "--alpaca-eval", ours,
+                      "--model-id", "tiny")
+    assert recs[1]["messages"] == [{"role": "user", "content": "what city\n\nparis or rome"}]
+    out = json.load(open(ours))
+    assert [(o["instruction"], o["generator"], o["dataset"]) for o in out] == [
+        ("tell me about the fox", "tiny", "koala"), ("what city", "tiny", "oasst")]
+    assert [o["output"] for o in out] == [r["responses"][0]["content"] for r in recs]
+    cfg = annotate.AnnotateConfig()
+    a, b = annotate.read_pairs(cfg, [data], 1), annotate.read_pairs(cfg, [ours], 1)
+    assert sorted(a) == sorted(b) and len(a) == 2

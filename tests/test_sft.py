@@ -94,3 +94,23 @@ def test_bad_input(tmp_path, tiny_vicuna):
                    check=False)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and last.startswith(f"error: {bad}:3: malformed JSON")
+
+def test_json_array_and_parquet_folder(tmp_path, tiny_vicuna):
+    """The files people have: ShareGPT's JSON array, and a cloned dataset repository of parquet files."""
+    import datasets
+    recs = convs(6)
+    sharegpt = [{"id": r["id"], "conversations": [{"from": {"user": "human", "assistant": "gpt", "system": "system"}[m["role"]],
+                                                   "value": m["content"]} for m in r["messages"]]} for r in recs]
+    (tmp_path / "sharegpt.json").write_text(json.dumps(sharegpt))
+    got = sft.load_conversations([str(tmp_path / "sharegpt.json")])
+    assert [m for _, m in got] == [r["messages"] for r in recs] and got[5][0] == f"{tmp_path / 'sharegpt.json'}[5]"
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    for k in range(2):
+        datasets.Dataset.from_list(recs[3 * k:3 * k + 3]).to_parquet(str(repo / f"train-0000{k}-of-00002.parquet"))
+    assert [m for _, m in sft.load_conversations([str(tmp_path / "repo")])] == [r["messages"] for r in recs]
+    sharegpt[4]["conversations"][1]["from"] = "robot"
+    (tmp_path / "bad.json").write_text(json.dumps(sharegpt))
+    p = run_script("sft.py", "--model", tiny_vicuna, "--data", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o"),
+                   check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'bad.json'}[4]: message 1: unknown role")
