@@ -235,7 +235,7 @@ def test_mtbench_two_turns(tmp_path, tiny_chatml, monkeypatch):
     data = write_jsonl(tmp_path / "q.jsonl", QUESTIONS)
     calls = []  # every prompt the engine is given, with its temperature
     real = sample.sample_ours
-    monkeypatch.setattr(sample, "sample_ours", lambda model, tok, eos, cfg, prompts, n, gens:
+    monkeypatch.setattr(sample, "sample_ours", lambda model, tok, eos, cfg, prompts, n, gens, on_token=None:
                         calls.append((cfg.temperature, n, prompts)) or real(model, tok, eos, cfg, prompts, n, gens))
     flags = ["--n", 2, "--max-new-tokens", 6, "--model-id", "tiny", "--category-temperature", "writing=1.0"]
     recs = {r["id"]: r for r in sample_run(tiny_chatml, data, tmp_path / "a.jsonl", *flags)}
