@@ -309,7 +309,7 @@ class Llama(nn.Module):
 
     def decode(self, tok, cache):
         """One decoding step, self(tok, cache=cache) for tok [B, 1]: eager, or through the step
-        compile_decode compiled (over the whole cache, so its shapes do not change step to step)."""
+        compile_decode compiled (over the whole cache, so its shapes stay the same each step)."""
         step = getattr(self, "compiled_step", None)
         if step is None or cache.prefix is not None:
             return self(tok, cache=cache)
@@ -339,7 +339,7 @@ class Llama(nn.Module):
         if omitted), or a batch [B, T] of equal-length rows. Decoding: [B, t] with `cache`. Returns
           targets given -> log p(targets) per token [T] (0 where target is -100), no full logits;
           reward model  -> rewards [n] read at each document's last token (or at `last` indices);
-          otherwise     -> logits (decoding: of each row's last token, or of its token `last[b]`)."""
+          otherwise     -> logits (decoding: of each row's last token, or of token `last[b]`)."""
         if cache is None and input_ids.dim() == 2:  # equal-length rows: pack them
             B, T = input_ids.shape
             cu_seqlens = T * torch.arange(B + 1, dtype=torch.int32, device=input_ids.device)
@@ -713,13 +713,14 @@ def _convert(path, out):
     hf = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     cfg = LlamaConfig.from_hf(hf.config.to_dict())
     tmp = f"{out}.tmp{os.getpid()}"  # written aside and renamed: a kill leaves no half folder
-    save_checkpoint(tmp, hf.state_dict(), cfg, tok, {"chat_template_name": checkpoint_template(None, tok)})
+    name = checkpoint_template(None, tok)
+    save_checkpoint(tmp, hf.state_dict(), cfg, tok, {"chat_template_name": name})
     shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older version
     os.replace(tmp, out)
 
 def checkpoint_template(path, tok):
     """The chat format of the checkpoint at `path` (an HF folder, or None): the chat_template_name
-    its config.json names, else ChatML if its tokenizer's Jinja speaks it, else Vicuna (Llama-2's)."""
+    its config.json names, else ChatML if its tokenizer's Jinja speaks it, else Llama-2's Vicuna."""
     config = os.path.join(path, "config.json") if path else None
     saved = json.load(open(config)).get("chat_template_name") if config and \
         os.path.exists(config) else None

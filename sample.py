@@ -64,8 +64,8 @@ class Config:
     engine: str = "ours"  # ours, or vllm (when installed: a GPU engine, one process; same records)
     quantize: str = ""  # int8: weight-only int8 policy and reward model (inference only); at batch
         # 1-16 rows faster, at n = 64 about bf16's speed on CPU (batched matmuls are compute-bound)
-    compile: bool = False  # torch.compile the decode step (ours; C++ compiler needed): samples then
-        # hold their prompt's keys (no cascade); compiles once (minutes on a small CPU), off: eager
+    compile: bool = False  # torch.compile the decode step (ours; needs a C++ compiler): samples
+        # then hold their prompt's keys (no cascade); compiles once (minutes on a small CPU)
     category_temperature: str = ""  # MT-bench questions: CATEGORY=T,... over MT-bench's own
         # temperatures (writing, roleplay 0.7; stem, humanities 0.1; extraction, math, coding,
         # reasoning 0); other categories take --temperature; "off": --temperature for all
@@ -333,7 +333,8 @@ def run(argv=None):
         raise SystemExit(f"error: {e}")
     if cfg.engine not in ("ours", "vllm"):
         raise SystemExit(f"error: --engine {cfg.engine!r}: ours or vllm")
-    if cfg.quantize not in ("", "int8") or (cfg.engine == "vllm" and (cfg.quantize or cfg.compile)):
+    vllm_fast = cfg.engine == "vllm" and (cfg.quantize or cfg.compile)
+    if cfg.quantize not in ("", "int8") or vllm_fast:
         raise SystemExit(f"error: --quantize {cfg.quantize!r} / --compile: int8 and --compile "
                          "with --engine ours")
     if cfg.compile and cfg.device != "cuda" and not M.compiler_available():
@@ -364,7 +365,8 @@ def run(argv=None):
     sample_fn, tok, template, mcfg = load_engine(cfg, device, dtype)
     if cfg.reward_model:
         # fp32 whatever the policy's dtype: bf16 rewards tie and reorder close candidates among 64
-        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device, torch.float32, reward=True)
+        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device, torch.float32,
+                                               reward=True)
         if cfg.quantize:  # int8 weights, fp32 activations and score head
             M.quantize_int8(rm)
         rm_template = D.get_template(rm_template, cfg.template)
