@@ -720,7 +720,7 @@ def _convert(path, out):
 
 def checkpoint_template(path, tok):
     """The chat format of the checkpoint at `path` (an HF folder, or None): the chat_template_name
-    its config.json names, else ChatML if its tokenizer's Jinja speaks it, else Llama-2's Vicuna."""
+    its config.json names, else ChatML if its tokenizer's Jinja speaks it, else Vicuna."""
     config = os.path.join(path, "config.json") if path else None
     saved = json.load(open(config)).get("chat_template_name") if config and \
         os.path.exists(config) else None
