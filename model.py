@@ -441,10 +441,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if x.device.type == "cpu" and rows <= 16:
+        if x.device.type == "cpu" and rows <= 16 and x.shape[-1] % 16 == 0:
             # torch's weight-only int8 kernel, in bf16: at 1 row 2-4x faster than a bf16 or fp32
             # linear, at 8-16 rows even with bf16 and ahead of fp32 (measured on AVX-512). With
             # fp32 activations it takes a slow generic path (~20x slower): they pass through bf16.
+            # It reads in_features in blocks of 16: other sizes give garbage, or a crash.
             y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight,
                                           self.scale)
             return y.view(*x.shape[:-1], -1).to(x.dtype)
@@ -548,13 +549,14 @@ def per_prompt(value, P):
 @torch.no_grad()
 def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0, top_k=0,
              eos_ids=(), stop=(), tokenizer=None, on_token=None, generator=None, max_len=None,
-             on_logits=None, on_done=None):
+             on_logits=None, on_done=None, aborted=None):
     """prompts: list of token-id lists. Returns, per prompt, n dicts {ids, finish_reason} with
     finish_reason 'eos', 'stop' (a stop string; ids end with it) or 'length'.
     on_token(row, token_id) streams; row = prompt_index * n + sample_index.
     on_logits(rows, logits) sees each step's logits [len(rows), vocab] before sampling (for
     logprobs); rows[j] is the row of logits[j]; rows finished but not yet compacted away are in.
-    on_done(row, finish_reason) says when a row has ended (its response can go out at once).
+    on_done(row, finish_reason) says when a row has ended (its response can go out at once);
+    aborted(row) -> True ends a row at once, finish_reason 'abort' (a client that went away).
     generator: a torch.Generator, or a list with one per prompt. Each step draws n uniforms per
     prompt from its generator, finished samples or not, so with one generator per prompt a prompt's
     samples do not depend on the other prompts of the batch (nor on when rows are compacted).
@@ -634,7 +636,9 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
         for j, r in enumerate(rows):
             if reason[r]:
                 continue
-            if done[j]:
+            if aborted and aborted(r):
+                reason[r] = "abort"
+            elif done[j]:
                 reason[r] = "eos"
             else:
                 out[r].append(toks[j])

@@ -13,11 +13,14 @@ the next batch; a request's answer goes out as soon as its own rows end. Handler
 stream and reply; the scheduler only decodes, handing tokens to each request's queue.
 
 Limits, for a server reachable beyond 127.0.0.1: a body over --max-body-mb is refused with a 413
-from its Content-Length before a byte of it is read; a connection idle or stalled for --timeout
-seconds (headers, body, or a client not reading its stream) is closed; beyond --max-queue requests
-queued or decoding, a 503 with Retry-After; with --api-key, every route wants
-`Authorization: Bearer KEY` (a 401 otherwise, as vLLM)."""
-import collections, hmac, json, queue, random, re, sys, threading, time, traceback, uuid
+from its Content-Length before a byte of it is read; a request (line, headers, body) must arrive
+within --timeout seconds, and a connection idle or stalled that long (a client not reading its
+stream too) is closed; beyond --max-queue requests queued or decoding, a 503 with Retry-After;
+beyond 4 x --max-queue connections, new ones are closed at once; with --api-key, every route
+wants `Authorization: Bearer KEY` (a 401 otherwise, as vLLM). A client that goes away (a broken
+stream, or a closed connection while it waits) has its rows stopped at the next step."""
+import collections, hmac, json, queue, random, re, select, socket, sys, threading, time
+import traceback, uuid
 import torch
 import data as D
 import model as M
@@ -215,6 +218,7 @@ class Job:
         self.req, self.ids, self.max_tokens = req, ids, max_tokens
         self.n, self.arrived, self.events = req["n"], time.monotonic(), queue.SimpleQueue()
         self.left, self.released = self.n, False  # rows not yet ended; out of the queue's count
+        self.gone = False  # its client went away: its rows end at the next step ("abort")
         self.lps = Logprobs(self.n, req["top_logprobs"], tbytes) if req["logprobs"] else None
 
 class Batcher:
@@ -252,9 +256,12 @@ class Batcher:
 
     def take(self):
         """The oldest job and those queued with the same n (one generate() call has one n), up to
-        --max-batch rows. Before it starts, the batch waits while requests keep coming: until none
-        has arrived for --batch-window-ms (clients answered together come back a few ms apart),
-        and at most 10 windows from the oldest one's arrival."""
+        --max-batch rows and a KV cache of --max-batch x 2 x --max-new-tokens row-tokens (generate
+        gives every row the longest prompt + reply: one request's max_tokens of 8000 would
+        otherwise size every row of its batch; such a request runs alone). Before it starts, the
+        batch waits while requests keep coming: until none has arrived for --batch-window-ms
+        (clients answered together come back a few ms apart), and at most 10 windows from the
+        oldest one's arrival."""
         window = self.cfg.batch_window_ms / 1e3
         with self.cond:
             while not self.pending:
@@ -266,11 +273,14 @@ class Batcher:
                 if time.monotonic() >= deadline:
                     break
                 self.cond.wait(deadline - time.monotonic())
-            batch, rows = [], 0
+            batch, rows, longest = [], 0, 0
+            budget = 2 * self.cfg.max_batch * self.cfg.max_new_tokens
             for j in list(self.pending):
-                if j.n == first.n and (not batch or rows + j.n <= self.cfg.max_batch):
+                length = max(longest, len(j.ids) + j.max_tokens)
+                if j.n == first.n and (not batch or (rows + j.n <= self.cfg.max_batch
+                                                     and (rows + j.n) * length <= budget)):
                     batch.append(j)
-                    rows += j.n
+                    rows, longest = rows + j.n, length
                     self.pending.remove(j)
             return batch
 
@@ -309,7 +319,7 @@ class Batcher:
                        top_p=[j.req["top_p"] for j in batch],
                        top_k=[j.req["top_k"] for j in batch],
                        stop=[j.req["stop"] for j in batch], eos_ids=self.eos, tokenizer=self.tok,
-                       on_token=on_token, on_done=on_done,
+                       on_token=on_token, on_done=on_done, aborted=lambda r: batch[r // n].gone,
                        on_logits=on_logits if any(j.lps for j in batch) else None,
                        generator=[torch.Generator(dev).manual_seed(s) for s in seeds])
         except Exception as e:  # a bug must cost this batch, not the server
@@ -332,6 +342,23 @@ def serve(cfg, model, tok, template, eos, name):
         protocol_version = "HTTP/1.1"  # keep-alive for clients sending many requests (annotate.py)
         timeout = cfg.timeout  # on every read and write of the socket: a stalled client is dropped
 
+        def handle_one_request(self):
+            """--timeout also bounds the whole arrival of a request (line, headers, body), not only
+            each read: a client trickling a byte every few seconds is cut off too."""
+            self.deadline = threading.Timer(cfg.timeout, self.cut)
+            self.deadline.daemon = True
+            self.deadline.start()
+            try:
+                super().handle_one_request()
+            finally:
+                self.deadline.cancel()
+
+        def cut(self):  # the pending read ends at once (end of file): the request is dropped
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
         def send_json(self, code, obj, headers=()):
             body = json.dumps(obj).encode()
             self.send_response(code)
@@ -350,7 +377,8 @@ def serve(cfg, model, tok, template, eos, name):
             """With --api-key: the bearer token, compared in constant time (as vLLM)."""
             if not cfg.api_key:
                 return
-            given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            auth = self.headers.get("Authorization", "")
+            given = auth[len("Bearer "):].strip() if auth.startswith("Bearer ") else ""
             if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
                 raise Refused(401, "missing or wrong API key (Authorization: Bearer KEY)",
                               "authentication_error")
@@ -368,7 +396,9 @@ def serve(cfg, model, tok, template, eos, name):
                                    "(--max-body-mb)")
             body = self.rfile.read(size)  # a client stalling here meets the socket timeout
             if len(body) < size:
-                raise ConnectionResetError("the client closed the connection mid-body")
+                raise ConnectionResetError("the client closed the connection mid-body (or was "
+                                           "cut off at --timeout)")
+            self.deadline.cancel()  # the request is in: decoding and streaming may take long
             return body
 
         def do_GET(self):
@@ -424,7 +454,6 @@ def serve(cfg, model, tok, template, eos, name):
                          "finish_reason": finish_reason}])
 
         def complete(self, req, ids, max_tokens):
-            n, stream = req["n"], req["stream"]
             job = Job(req, ids, max_tokens, tbytes)
             if not batcher.submit(job):
                 return self.error(503, f"the server is busy ({cfg.max_queue} requests queued or "
@@ -432,6 +461,18 @@ def serve(cfg, model, tok, template, eos, name):
                                   [("Retry-After", "1")])
             rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
             self.head = {"id": rid, "created": created, "model": name}
+            try:
+                self.answer(job, ids)
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                job.gone = True  # its rows stop decoding at the next step, and free their slot
+                raise
+
+        def client_gone(self):  # a closed connection reads as end-of-file at once
+            readable = select.select([self.connection], [], [], 0)[0]
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+
+        def answer(self, job, ids):
+            req, n, stream = job.req, job.n, job.req["stream"]
             streams = [Stream(tok, req["stop"]) for _ in range(n)]
             if stream:  # server-sent events; the end of the body is the closed connection
                 self.send_response(200)
@@ -444,7 +485,12 @@ def serve(cfg, model, tok, template, eos, name):
                     self.delta(i, {"role": "assistant", "content": ""})
             ended = [None] * n
             while None in ended:  # until each of its rows has ended
-                kind, row, x = job.events.get()
+                try:
+                    kind, row, x = job.events.get(timeout=1.0)
+                except queue.Empty:  # nothing for a second: is anyone still waiting for it?
+                    if self.client_gone():
+                        raise ConnectionResetError("the client went away")
+                    continue
                 if kind == "error":  # the scheduler printed the traceback
                     if not self.started:
                         self.error(500, x, "server_error")
@@ -481,9 +527,22 @@ def serve(cfg, model, tok, template, eos, name):
         def log_message(self, fmt, *args):
             log(f"{self.address_string()} {fmt % args}")
 
+    slots = threading.BoundedSemaphore(4 * cfg.max_queue)  # connection threads at once
+
     class Server(ThreadingHTTPServer):
         daemon_threads = True
         request_queue_size = 128  # the listen backlog (5 by default): bursts of clients
+
+        def process_request(self, request, client_address):
+            if not slots.acquire(blocking=False):  # refused at once rather than a thread more
+                return self.shutdown_request(request)
+            super().process_request(request, client_address)
+
+        def process_request_thread(self, request, client_address):
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
 
     server = Server((cfg.host, cfg.port), Handler)
     host, port = server.server_address[:2]

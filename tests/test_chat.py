@@ -170,6 +170,10 @@ def test_api_key(guarded):
         status, r = post(url, HI, key=key)
         assert status == 401 and r["error"]["type"] == "authentication_error" and r["error"]["message"]
     assert post(url, HI, key="sesame")[0] == 200
+    body = json.dumps(HI).encode()  # the key without the Bearer scheme is no key
+    sock = raw(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: sesame\r\n"
+                    b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    assert read_all(sock).startswith(b"HTTP/1.1 401")
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
     client = openai.OpenAI(base_url=url, api_key="sesame", max_retries=0)
@@ -198,6 +202,47 @@ def test_stalled_clients_are_dropped_and_others_served(guarded):
     assert post(guarded[0], HI, key="sesame")[0] == 200  # served while they stall
     for sock in stalled:
         assert read_all(sock) == b""  # closed without an answer: nobody is waiting for one
+
+def test_trickling_client_is_cut_off(guarded):
+    """A byte every 0.3 s never trips the 1 s per-read timeout, but the whole request must arrive
+    within --timeout: the connection is closed after about a second, without an answer."""
+    sock = raw(guarded[0], b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    t0, closed = time.monotonic(), False
+    while time.monotonic() - t0 < 6 and not closed:
+        time.sleep(0.3)
+        try:
+            sock.sendall(b"X")
+            sock.settimeout(0.01)
+            closed = sock.recv(1) == b""
+        except socket.timeout:
+            pass
+        except OSError:
+            closed = True
+    assert closed and time.monotonic() - t0 < 4
+
+def test_a_client_that_goes_away_frees_its_slot(guarded, local):
+    """One slot (--max-queue 1). A long request whose client leaves (a stream, or a plain request
+    waiting for its answer) stops decoding: the next request is served within seconds, not after
+    the 4000 tokens the first asked for."""
+    hello = [{"role": "user", "content": "hello world"}]
+    headers = b"Host: x\r\nAuthorization: Bearer sesame\r\nContent-Type: application/json\r\n"
+    for stream in (True, False):
+        body = json.dumps(dict(messages=hello, max_tokens=4000, temperature=0, stream=stream))
+        sock = raw(guarded[0], b"POST /v1/chat/completions HTTP/1.1\r\n" + headers
+                   + b"Content-Length: %d\r\n\r\n" % len(body) + body.encode())
+        if stream:
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # decoding from here on
+        else:
+            time.sleep(0.5)
+        sock.close()
+        t0 = time.monotonic()
+        while post(guarded[0], HI, key="sesame")[0] == 503:
+            assert time.monotonic() - t0 < 2.5, "the slot of a client gone stays taken"
+            time.sleep(0.2)
+    model, tok, template = local
+    ids, _ = D.render(tok, hello, template, prompt=True)  # what was cut short: no EOS early
+    assert len(M.generate(model, [ids], max_new_tokens=400, temperature=0,
+                          eos_ids={D.eos_id(tok, template)})[0][0]["ids"]) == 400
 
 def test_queue_bound_is_503(guarded, local):
     """One slot (--max-queue 1): while a long answer streams, another request gets a 503."""
