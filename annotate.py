@@ -291,8 +291,12 @@ class Judge:
         1..10, the probabilities), read at the reply's first digit among its first n tokens: a
         small judge asked for the number alone still writes "Rating: [[" before it."""
         heads, lps = self.top_tokens(messages, n)
-        at = next((i for i, (t, _) in enumerate(heads) if MT.rating_token(t)), 0)
-        first = heads[at][1] if heads else {}
+        at = next((i for i, (t, _) in enumerate(heads) if MT.rating_token(t)), None)
+        if at is None:  # the digits' chances where no digit was written are noise, not a rating
+            raise Failed(f"no rating digit among the judge's first {n} tokens: "
+                         f"{''.join(t for t, _ in heads)!r}" + ("" if lps else
+                                                                 " (no logprobs returned)"))
+        first = heads[at][1]
         one = at + 1 < len(heads) and heads[at][0].strip() == "1"  # then "10" may be "1" "0"
         probs, score = MT.rating_of(first, heads[at + 1][1] if one else None)
         if probs is None:

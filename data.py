@@ -47,17 +47,20 @@ def is_json_array(path):
         head = f.read(4096).lstrip()
     return head.startswith("[")
 
+NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a bad byte
+
 def read_json_array(path, chunk=1 << 20):
     """Yield ('file.json[i]', element) from a file holding one JSON array, streaming: elements are
     decoded one at a time from a text buffer read on as needed (ShareGPT's file is 650 MB), never
     the whole array at once. A bad element raises DataError('file.json[i]: reason')."""
-    dec, buf, pos, i, need = json.JSONDecoder(), "", 0, 0, chunk
-    with open(path, encoding="utf-8-sig") as f:
+    dec, buf, pos, i, need, dirty = json.JSONDecoder(), "", 0, 0, chunk, False
+    # A byte that is not UTF-8 reads as a lone surrogate, so the error names its element
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         def read(n):
-            try:
-                return f.read(n)
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}[{i}]: not UTF-8 ({e.reason})") from None
+            nonlocal dirty
+            got = f.read(n)
+            dirty = dirty or NOT_UTF8.search(got) is not None
+            return got
 
         def peek():  # the next character that is not a space, reading on ('' at the end)
             nonlocal buf, pos
@@ -85,11 +88,13 @@ def read_json_array(path, chunk=1 << 20):
             try:
                 rec, end, err = *dec.raw_decode(buf, pos), None
             except json.JSONDecodeError as e:  # an element the buffer's end cut fails near it
-                cut = e.pos >= len(buf) - 6 or e.msg.startswith("Unterminated string")
+                cut = e.pos >= len(buf) - 10 or e.msg.startswith("Unterminated string")
                 rec, end, err = None, len(buf) if cut else e.pos, e
             if end == len(buf) and (got := read(need)):  # (or a number that goes on): read on
                 buf, pos, need = buf[pos:] + got, 0, 2 * need  # doubling: re-parsed O(log) times
                 continue
+            if dirty and NOT_UTF8.search(buf, pos, end):
+                raise DataError(f"{path}[{i}]: not UTF-8")
             if err:
                 raise DataError(f"{path}[{i}]: malformed JSON ({err.msg})") from None
             if not isinstance(rec, dict):

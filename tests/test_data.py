@@ -192,5 +192,14 @@ def test_json_array_files_stream_with_element_errors(tmp_path):
         (tmp_path / "bad.json").write_text(text)
         with pytest.raises(D.DataError, match=re.escape(f"bad.json{err}")):
             D.read_records([str(tmp_path / "bad.json")])
+    inf = '[{"abcdefgh": -Infinity, "x": 1e5}, {"id": "b"}]'  # a value cut by the buffer's end
+    (tmp_path / "inf.json").write_text(inf)
+    for chunk in range(1, 40):
+        assert len(list(D.read_json_array(str(tmp_path / "inf.json"), chunk=chunk))) == 2
+    bad = json.dumps([{"id": str(i), "text": "caf\u00e9 " * 20} for i in range(50)]).encode()
+    (tmp_path / "bytes.json").write_bytes(bad.replace(b'"id": "40"', b'"id": "4\xff"'))
+    for chunk in (7, 1 << 20):  # a byte that is not UTF-8 names its element, wherever it is read
+        with pytest.raises(D.DataError, match=re.escape("bytes.json[40]: not UTF-8")):
+            list(D.read_json_array(str(tmp_path / "bytes.json"), chunk=chunk))
     (tmp_path / "lines.json").write_text('{"id": "a"}\n{"id": "b"}\n')  # JSONL named .json: still JSONL
     assert [w for w, _ in D.read_records([str(tmp_path / "lines.json")])] == [f"{tmp_path / 'lines.json'}:1", f"{tmp_path / 'lines.json'}:2"]
