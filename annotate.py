@@ -291,18 +291,16 @@ class Judge:
         1..10, the probabilities), read at the reply's first digit among its first n tokens: a
         small judge asked for the number alone still writes "Rating: [[" before it."""
         heads, lps = self.top_tokens(messages, n)
-        at = next((i for i, (t, _) in enumerate(heads) if MT.rating_token(t)), None)
-        if at is None:  # the digits' chances where no digit was written are noise, not a rating
-            raise Failed(f"no rating digit among the judge's first {n} tokens: "
-                         f"{''.join(t for t, _ in heads)!r}" + ("" if lps else
-                                                                 " (no logprobs returned)"))
-        first = heads[at][1]
+        # G-Eval reads the first token's distribution whatever was sampled: with no digit written,
+        # position 0's digits, however unlikely (rating_mass says how much they weighed)
+        at = next((i for i, (t, _) in enumerate(heads) if MT.rating_token(t)), 0)
+        first = heads[at][1] if heads else {}
         one = at + 1 < len(heads) and heads[at][0].strip() == "1"  # then "10" may be "1" "0"
         probs, score = MT.rating_of(first, heads[at + 1][1] if one else None)
         if probs is None:
             raise Failed(f"no rating 1-10 among the judge's likeliest first tokens: "
                          f"{list(first)!r}" + ("" if lps else " (no logprobs returned)"))
-        return score, probs
+        return score, probs, sum(p for t, p in first.items() if MT.rating_token(t))
 
     def grade(self, item):
         """One turn of an MT-bench answer, graded 1-10 -> (status, record): FastChat's judgment
@@ -318,8 +316,9 @@ class Judge:
             messages = [{"role": "system", "content": prompt["system_prompt"]},
                         {"role": "user", "content": user}]
             if cfg.verdict == "logprobs":
-                score, probs = self.rating(messages)
-                rec |= {"rating_probs": {str(k): v for k, v in probs.items()}, "judgment": ""}
+                score, probs, mass = self.rating(messages)
+                rec |= {"rating_probs": {str(k): v for k, v in probs.items()}, "judgment": "",
+                        "rating_mass": mass}
             else:
                 score, rec["judgment"] = self.verdict(messages, MT.parse_rating,
                                                       MT.RATING_REMINDER)

@@ -407,7 +407,7 @@ def test_mtbench_judge_prompts_file_and_logprob_ratings(tmp_path, monkeypatch):
     # --verdict logprobs: the rating alone, scored as the probability-weighted mean of the rating tokens
     script = {("mx81", "a"): [("lps", [{"7": 0.5, "8": 0.3, "²": 0.1, "Sure": 0.1}, {"\n": 1.0}])],  # "²" is no rating
               ("mx81", "b"): [("lps", [{"1": 0.6, "9": 0.2, "x": 0.2}, {"0": 0.75, "\n": 0.25}])],  # "10" as "1" "0"
-              ("mx111", "a"): [("lps", [{"The": 0.9, "1": 0.05, "I": 0.05}])],  # no digit written: failed
+              ("mx111", "a"): [("lps", [{"The": 0.9, "I": 0.1}])],  # no rating token: failed
               ("mx111", "b"): [("lps", [{"Rating": 0.9, "The": 0.1}, {":": 1.0}, {" [[": 1.0}, {" 3": 0.5, "4": 0.5},
                                         {"]]": 1.0}])]}  # read at the first digit written
     judge = Judge(script, route=last_marker)
@@ -424,6 +424,7 @@ def test_mtbench_judge_prompts_file_and_logprob_ratings(tmp_path, monkeypatch):
     assert g["m/81/1"]["score"] == pytest.approx((7 * 0.5 + 8 * 0.3) / 0.8)
     assert g["m/81/2"]["score"] == pytest.approx((10 * 0.45 + 1 * 0.15 + 9 * 0.2) / 0.8)
     assert g["m/111/2"]["score"] == pytest.approx(3.5) and g["m/81/2"]["rating_probs"]["10"] == pytest.approx(0.45 / 0.8)
+    assert g["m/81/1"]["rating_mass"] == pytest.approx(0.8) and g["m/111/2"]["rating_mass"] == pytest.approx(1.0)
     assert [r["id"] for r in read(A.other_path(out))] == ["m/111/1"]
 
 # ---- Length control (AlpacaEval 2.0) on synthetic judgments
