@@ -722,11 +722,15 @@ def _convert(path, out):
     shutil.rmtree(out, ignore_errors=True)  # a partial folder from an older version
     os.replace(tmp, out)
 
+def read_json(path):  # closed at once (json.load(open(...)) leaves that to the collector)
+    with open(path) as f:
+        return json.load(f)
+
 def checkpoint_template(path, tok):
     """The chat format of the checkpoint at `path` (an HF folder, or None): the chat_template_name
     its config.json names, else ChatML if its tokenizer's Jinja speaks it, else Vicuna."""
     config = os.path.join(path, "config.json") if path else None
-    saved = json.load(open(config)).get("chat_template_name") if config and \
+    saved = read_json(config).get("chat_template_name") if config and \
         os.path.exists(config) else None
     if saved in ("vicuna", "chatml"):  # data.TEMPLATES
         return saved
@@ -737,7 +741,7 @@ def weight_files(path):
     from safetensors import safe_open
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        return {k: os.path.join(path, f) for k, f in json.load(open(index))["weight_map"].items()}
+        return {k: os.path.join(path, f) for k, f in read_json(index)["weight_map"].items()}
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
         raise FileNotFoundError(f"{path}: no *.safetensors weights")
@@ -760,7 +764,7 @@ def load_model(path, device="cpu", dtype=torch.float32, reward=None, meta=False,
     (read_weights)."""
     from transformers import AutoTokenizer
     given, path = path, resolve(path)
-    cfg_d = json.load(open(os.path.join(path, "config.json")))
+    cfg_d = read_json(os.path.join(path, "config.json"))
     cfg = LlamaConfig.from_hf(cfg_d)
     has_score = "score.weight" in weight_files(path)
     reward = has_score if reward is None else reward

@@ -306,7 +306,7 @@ def load_engine(cfg, device, dtype):
         from transformers import AutoTokenizer
         hf_path = M.resolve(path)
         tok = AutoTokenizer.from_pretrained(hf_path)
-        hf_cfg = json.load(open(os.path.join(hf_path, "config.json")))
+        hf_cfg = M.read_json(os.path.join(hf_path, "config.json"))
         saved = M.checkpoint_template(hf_path, tok)
         mcfg = M.LlamaConfig.from_hf(hf_cfg)
         llm = LLM(model=hf_path, dtype=str(dtype).removeprefix("torch."), seed=cfg.seed)

@@ -207,7 +207,7 @@ def save_state(path, model, opt, step):
 def load_state(path, model, opt):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    saved = json.load(open(os.path.join(path, "step.json")))
+    saved = M.read_json(os.path.join(path, "step.json"))
     rank, world = rank_world()
     if saved.get("world", world) != world:  # each rank's micro-batches and RNG depend on it
         raise SystemExit(f"error: {path} was saved by {saved['world']} processes, this run has "
@@ -363,7 +363,7 @@ def cpu_matmul_tflops(dtype, n=1024, seconds=0.5):
             a @ b
         best = max(best, 4 * 2 * n ** 3 / (time.perf_counter() - t0) / 1e12)
     try:
-        cache = json.load(open(path)) if os.path.exists(path) else {}
+        cache = M.read_json(path) if os.path.exists(path) else {}
         cache[key] = max(best, cache.get(key, 0.0))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         json.dump(cache, open(path + f".tmp{os.getpid()}", "w"), indent=1)
