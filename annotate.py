@@ -120,8 +120,7 @@ def read_pairs(cfg, paths, n):
     out, skipped = {}, 0
     for where, rec in D.read_records(paths):
         try:
-            if "messages" not in rec and isinstance(rec.get("instruction"), str):
-                rec = D.alpaca_record(rec)
+            rec = D.alpaca_record(rec)
             if not isinstance(rid := rec.get("id"), str) or not rid:
                 raise D.DataError(f"{where}: needs a string 'id'")
             msgs = D.get_messages(rec, where, prompt=True)

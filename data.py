@@ -180,7 +180,10 @@ def get_messages(rec, where, prompt=False):
 def alpaca_record(rec):
     """AlpacaEval's {"instruction", "input"?, "output"?, "generator", "dataset"} as ours: messages,
     and an id made from the instruction (its files have none), the same on both sides of a
-    comparison, so --a alpaca_eval.json --b ours.json match by instruction."""
+    comparison, so --a alpaca_eval.json --b ours.json match by instruction. Other records: as
+    they are."""
+    if "messages" in rec or not isinstance(rec.get("instruction"), str):
+        return rec
     text = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
     rid = rec.get("id") or "alpaca-" + hashlib.sha256(text.encode()).hexdigest()[:16]
     return rec | {"id": rid, "messages": [{"role": "user", "content": text}]}

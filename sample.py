@@ -76,14 +76,17 @@ class Config:
 # -------------------------------------------------------------------------------------------------
 # Data: prompts checked up front, so a bad line stops the run before any model is loaded
 
+def prompt_id(rec):
+    """A prompt record (ours, a hub set's, an MT-bench question or AlpacaEval's) -> (it, its id)."""
+    rec = D.alpaca_record(rec)  # AlpacaEval's evaluation set: messages and an id
+    return rec, rec.get("id", rec.get("prompt_id", rec.get("question_id")))
+
 def load_prompts(cfg):
     """-> (prompts [(where, id, messages)], {id: MT-bench question}); a question's messages are
     its first turn."""
     prompts, seen, questions = [], set(), {}
     for where, rec in D.read_records(cfg.data, cfg.split):
-        if "messages" not in rec and isinstance(rec.get("instruction"), str):
-            rec = D.alpaca_record(rec)  # AlpacaEval's evaluation set
-        rid = rec.get("id", rec.get("prompt_id", rec.get("question_id")))
+        rec, rid = prompt_id(rec)
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise D.DataError(f"{where}: a prompt needs an 'id' (string)")
         if str(rid) in seen:
@@ -276,9 +279,8 @@ def write_alpaca_eval(cfg):
     answers = {r["id"]: r["responses"][0]["content"] for _, r in D.read_jsonl(cfg.out)}
     out = []
     for where, rec in D.read_records(cfg.data, cfg.split):
-        if "messages" not in rec and isinstance(rec.get("instruction"), str):
-            rec = D.alpaca_record(rec)
-        rid = str(rec.get("id", rec.get("prompt_id", rec.get("question_id"))))
+        rec, rid = prompt_id(rec)
+        rid = str(rid)
         if rid in answers:
             text = rec.get("instruction") or D.get_messages(rec, where, prompt=True)[-1]["content"]
             extra = {"input": rec["input"]} if rec.get("input") else {}  # keeps the ids equal

@@ -34,7 +34,7 @@ def fit_logistic(X, y, l2=0.1, iters=100):
     def loss(w):
         z = X @ w
         return float(np.sum(np.logaddexp(0, z) - y * z) + 0.5 * np.sum(r * w * w))
-    w, cur = np.zeros(X.shape[1]), None
+    w = np.zeros(X.shape[1])
     cur = loss(w)
     for _ in range(iters):
         p = 1 / (1 + np.exp(-(X @ w)))
