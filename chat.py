@@ -49,9 +49,6 @@ class ChatConfig:
         # since compiling takes minutes on a small CPU and a short chat never wins it back
     verbose: bool = False  # print the start-up time (command to first prompt) and its parts
 
-def log(*a):
-    print(*a, file=sys.stderr, flush=True)
-
 def load(cfg):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -78,7 +75,7 @@ def load(cfg):
         times["compile"] = time.perf_counter() - t
     if cfg.verbose:
         parts = ", ".join(f"{k} {v:.2f}s" for k, v in times.items())
-        log(f"start-up {time.perf_counter() - T0:.2f}s ({parts})")
+        serve.log(f"start-up {time.perf_counter() - T0:.2f}s ({parts})")
     return model, tok, template, eos, name
 
 def conversation(system, history):
@@ -104,8 +101,8 @@ def reply(cfg, model, tok, template, eos, messages, write, generator):
     first = (times[1] - times[0]) * 1e3 if n else nan
     decoding = times[-1] - times[1] if n > 1 else 0  # without the prefill
     rate = (n - 1) / decoding if decoding > 0 else nan
-    log(dim(f"[{len(ids)} prompt tokens, first token {first:.0f} ms, {n} new at {rate:.1f} "
-            f"tokens/s, {out['finish_reason']}]", sys.stderr))
+    serve.log(dim(f"[{len(ids)} prompt tokens, first token {first:.0f} ms, {n} new at {rate:.1f} "
+                  f"tokens/s, {out['finish_reason']}]", sys.stderr))
     return stream.text
 
 def repl(cfg, model, tok, template, eos, generator):
@@ -166,7 +163,8 @@ def run():
                              "must be > 0")
         return serve.serve(cfg, model, tok, template, eos, name)  # serve.py
     params = model.cfg.num_params() / 1e6  # not parameters(): int8 weights are buffers
-    log(f"{name}: {params:.0f}M parameters, template {template}, {model.dtype} on {model.device}")
+    serve.log(f"{name}: {params:.0f}M parameters, template {template}, {model.dtype} on "
+              f"{model.device}")
     generator = torch.Generator(model.device).manual_seed(cfg.seed)
     if cfg.prompt:  # scriptable: the answer alone on stdout, everything else on stderr
         try:
