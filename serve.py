@@ -483,13 +483,15 @@ def serve(cfg, model, tok, template, eos, name):
                 self.started = self.close_connection = True
                 for i in range(n):
                     self.delta(i, {"role": "assistant", "content": ""})
-            ended = [None] * n
+            ended, check = [None] * n, time.monotonic() + 1
             while None in ended:  # until each of its rows has ended
+                if time.monotonic() >= check:  # once a second: is anyone still waiting for it?
+                    if self.client_gone():  # (a plain request writes nothing until it ends)
+                        raise ConnectionResetError("the client went away")
+                    check = time.monotonic() + 1
                 try:
                     kind, row, x = job.events.get(timeout=1.0)
-                except queue.Empty:  # nothing for a second: is anyone still waiting for it?
-                    if self.client_gone():
-                        raise ConnectionResetError("the client went away")
+                except queue.Empty:
                     continue
                 if kind == "error":  # the scheduler printed the traceback
                     if not self.started:
