@@ -79,7 +79,7 @@ def profile_ops(model, cache, cfg):
     with profile(activities=acts) as prof:
         for _ in range(5):
             model.decode(tok, cache)
-    mm = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::bmm", "aten::linear")
+    mm = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "aten::_int_mm", "aten::bmm", "aten::linear")
     ev = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total = sum(e.self_cpu_time_total for e in ev)
     matmul = sum(e.self_cpu_time_total for e in ev if e.key in mm)

@@ -1,4 +1,5 @@
-"""Inference-only speedups (model.py): weight-only int8 and the compiled decode step."""
+"""Inference-only speedups (model.py): int8 weights (the head: int8 activations too) and the
+compiled decode step."""
 import json, os
 import pytest
 import torch
@@ -32,12 +33,33 @@ def test_int8_linear_equals_dequantized_linear(rows, k):
     assert (y - ref).abs().max() <= tol * ref.abs().max()
     assert torch.equal(lin(x[None])[0], y)  # [B, T, in] as [B * T, in]
 
+@pytest.mark.parametrize("rows,k", [(1, 64), (5, 64), (40, 72), (3, 50)])
+def test_int8_activations_linear_equals_reference(rows, k):
+    """acts=True (the LM head: int8 activations, per row): the int8 x int8 product equals the same
+    arithmetic done in fp32 (x rounded to max |x| / 127 steps, then the dequantized weights) up to
+    float rounding; a row with an outlier keeps its other entries to within half its step."""
+    torch.manual_seed(0)
+    w = torch.randn(96, k) * torch.rand(96, 1)
+    lin = M.Int8Linear(w, acts=True)
+    deq = lin.weight.float() * lin.scale.float()[:, None]
+    x = torch.randn(rows, k)
+    x[0, 0] = 30.0  # an outlier: row 0's step is 30 / 127
+    sx = x.abs().amax(-1, keepdim=True) / 127
+    xq = (x / sx).round() * sx
+    assert ((xq - x).abs() <= 0.51 * sx).all()
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (rows, 96)
+    assert torch.allclose(y, F.linear(xq, deq), rtol=1e-4, atol=1e-4 * y.abs().max())
+    assert torch.equal(lin(x[None])[0], y)
+
 def test_int8_model_logits_close_to_fp32():
-    """An int8 tiny model (tied head: its own int8 copy; embedding float) against fp32: prefill
-    (many rows: the dequantize path) and decode logits (one row: the int8 kernel) within 5% of
-    the logit range, mean KL(fp32 || int8) < 2e-3 nats, and greedy decoding starts the same."""
+    """An int8 tiny model (tied head: its own int8 copy, int8 activations; embedding float)
+    against fp32: prefill (many rows: the dequantize path) and decode logits (one row: the int8
+    kernel) within 5% of the logit range, mean KL(fp32 || int8) < 2e-3 nats, and greedy decoding
+    starts the same."""
     ref = tiny_model(tie_word_embeddings=True)
     q = M.quantize_int8(tiny_model(tie_word_embeddings=True))
+    assert [n for n, m in q.named_modules() if getattr(m, "acts", False)] == ["lm_head"]
     assert isinstance(q.lm_head, M.Int8Linear) and q.model.embed_tokens.weight.dtype == torch.float32
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
     ids = torch.randint(3, 300, (2, 30))
@@ -77,12 +99,16 @@ def test_quantized_model_refuses_training(tmp_path, sp_tokenizer):
         M.load_model(path)
 
 @pytest.mark.skipif(not M.compiler_available(), reason="torch.compile on CPU needs a C++ compiler (g++)")
-def test_compiled_decode_equals_eager(monkeypatch, tmp_path):
+@pytest.mark.parametrize("quantize", ["", "int8"])
+def test_compiled_decode_equals_eager(monkeypatch, tmp_path, quantize):
     """One compile (rows and cache length symbolic): greedy tokens of two prompts of different
     lengths in one batch, then two samples of one prompt (the same batch size: no recompile; eager
-    shares the prompt through cascade attention, compiled rows hold it each) equal eager's."""
+    shares the prompt through cascade attention, compiled rows hold it each) equal eager's. int8:
+    the compiled head's activation rounding and int8 matmul give eager's tokens too."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = tiny_model()
+    if quantize:
+        M.quantize_int8(model)
     prompts = [[1, 5, 6, 7], [1, 9, 10, 11, 12, 13, 14]]
 
     def run():
