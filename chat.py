@@ -43,8 +43,9 @@ class ChatConfig:
     max_body_mb: float = 8.0  # --serve: largest request body (MiB); beyond, a 413 unread
     timeout: float = 30.0  # --serve: seconds a connection may idle or stall before it is closed
     api_key: str = ""  # --serve: require "Authorization: Bearer KEY" (401 otherwise), as vLLM
-    quantize: str = ""  # int8: weight-only int8 (per-channel scales) for every matmul; inference
-        # only; on CPU ~1.4-1.8x the decode speed of bf16 at batch 1, greedy output close to fp32's
+    quantize: str = ""  # int8: int8 weights (per-channel scales) for every matmul, the head's
+        # activations int8 too; inference only; on CPU ~1.8x the decode speed of bf16 at batch 1,
+        # greedy output close to fp32's
     compile: bool = False  # torch.compile the decode step (C++ compiler needed): off by default,
         # since compiling takes minutes on a small CPU and a short chat never wins it back
     verbose: bool = False  # print the start-up time (command to first prompt) and its parts

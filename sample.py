@@ -62,7 +62,7 @@ class Config:
     device: str = "auto"  # cpu, cuda, or auto
     dtype: str = "auto"  # float32 or bfloat16 (auto: bfloat16 on CUDA and on native-bf16 CPUs)
     engine: str = "ours"  # ours, or vllm (when installed: a GPU engine, one process; same records)
-    quantize: str = ""  # int8: weight-only int8 policy and reward model (inference only); at batch
+    quantize: str = ""  # int8: int8-weight policy and reward model (inference only); at batch
         # 1-16 rows faster, at n = 64 about bf16's speed on CPU (batched matmuls are compute-bound)
     compile: bool = False  # torch.compile the decode step (ours; needs a C++ compiler): samples
         # then hold their prompt's keys (no cascade); compiles once (minutes on a small CPU)

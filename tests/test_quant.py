@@ -37,7 +37,7 @@ def test_int8_linear_equals_dequantized_linear(rows, k):
 def test_int8_activations_linear_equals_reference(rows, k):
     """acts=True (the LM head: int8 activations, per row): the int8 x int8 product equals the same
     arithmetic done in fp32 (x rounded to max |x| / 127 steps, then the dequantized weights) up to
-    float rounding; a row with an outlier keeps its other entries to within half its step."""
+    float rounding, with a row holding an outlier (its step 30 / 127)."""
     torch.manual_seed(0)
     w = torch.randn(96, k) * torch.rand(96, 1)
     lin = M.Int8Linear(w, acts=True)
@@ -46,7 +46,6 @@ def test_int8_activations_linear_equals_reference(rows, k):
     x[0, 0] = 30.0  # an outlier: row 0's step is 30 / 127
     sx = x.abs().amax(-1, keepdim=True) / 127
     xq = (x / sx).round() * sx
-    assert ((xq - x).abs() <= 0.51 * sx).all()
     y = lin(x)
     assert y.dtype == torch.float32 and y.shape == (rows, 96)
     assert torch.allclose(y, F.linear(xq, deq), rtol=1e-4, atol=1e-4 * y.abs().max())
@@ -55,8 +54,8 @@ def test_int8_activations_linear_equals_reference(rows, k):
 def test_int8_model_logits_close_to_fp32():
     """An int8 tiny model (tied head: its own int8 copy, int8 activations; embedding float)
     against fp32: prefill (many rows: the dequantize path) and decode logits (one row: the int8
-    kernel) within 5% of the logit range, mean KL(fp32 || int8) < 2e-3 nats, and greedy decoding
-    starts the same."""
+    kernel; the head int8 x int8 in both) within 5% of the logit range, mean KL(fp32 || int8)
+    < 2e-3 nats, and greedy decoding starts the same."""
     ref = tiny_model(tie_word_embeddings=True)
     q = M.quantize_int8(tiny_model(tie_word_embeddings=True))
     assert [n for n, m in q.named_modules() if getattr(m, "acts", False)] == ["lm_head"]
