@@ -72,7 +72,7 @@ class Config:
     bootstrap: int = 4000  # bootstrap resamples
 
 
-QUICK = dict(threads=1, rm_prompts=24, set_prompts=6, heldout=6, n_set=8, eval_n=2,
+QUICK = dict(threads=1, rm_prompts=24, rm_epochs=2, set_prompts=6, heldout=6, n_set=8, eval_n=2,
              max_new_tokens=12, max_steps=2, bootstrap=200, rm_lr=1e-3, rs_lr=1e-3, dpo_lr=1e-3)
 
 

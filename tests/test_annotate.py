@@ -337,6 +337,7 @@ def test_mtbench_grading_report_retries_and_resume(tmp_path, monkeypatch, capsys
               "--references", refs]
     try:
         run_annotate(monkeypatch, *common, "--data", m1, "--out", o1)
+        first = list(judge.log)  # the resume below may grade m1/82/1 again (records land in any order)
         with pytest.raises(D.DataError, match="m2.jsonl:1: question 81 is not in the record: give --questions"):
             run_annotate(monkeypatch, *common, "--data", m2, "--out", o2)
         run_annotate(monkeypatch, *common, "--data", m2, "--out", o2, "--questions", qfile)
@@ -355,7 +356,7 @@ def test_mtbench_grading_report_retries_and_resume(tmp_path, monkeypatch, capsys
     assert "no rating" in read(A.other_path(o2))[0]["error"] and read(A.other_path(o2))[0]["status"] == "failed"
     assert {i: r["score"] for i, r in g1.items()} == {f"m1/{q}/{t + 1}": float(g[t]) for (m, q), g in grades.items()
                                                        if m == "m1" for t in range(2)}
-    assert [a for p, f, a, *_ in judge.log if (p, f) == ("m1x82", "a")] == ["ok", "ok"]  # one reminder
+    assert [a for p, f, a, *_ in first if (p, f) == ("m1x82", "a")] == ["ok", "ok"]  # one reminder
     r = g1["m1/111/2"]  # math: against the reference, the whole conversation in view
     assert r["judge"] == ["judge-x", "single-ref-multi-turn"] and r["turn"] == 2 and r["category"] == "math"
     assert all(s in r["user_prompt"] for s in ("What is 2+2?", "ans-m1x111-a", "And 3+3?", "ans-m1x111-b", "REF-FOUR", "REF-SIX"))
