@@ -56,6 +56,9 @@ class Config:
     unique_tries: int = 4  # rounds of re-sampling duplicates; records keep the count that remained
     reward_model: str = ""  # reward model folder: score every response (the full conversation)
     rm_batch_tokens: int = 16384  # tokens per reward-model forward (packed)
+    rm_dtype: str = "float32"  # reward model: float32 (exact: transformers' fp32 scores) or
+        # bfloat16 (3.5x faster scoring on an avx512_bf16 CPU core, more on GPUs; rewards within
+        # ~1% of their std of fp32's; its head reads them in fp32 either way)
     batch_tokens: int = 65536  # prompts x n x (prompt + max new tokens) per batch
     limit: int = 0  # only the first N prompts (0: all)
     seed: int = 1337  # base of the per-prompt seeds
@@ -333,6 +336,8 @@ def run(argv=None):
         MT.category_temperatures(cfg.category_temperature, cfg.temperature)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if cfg.rm_dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"error: --rm-dtype {cfg.rm_dtype!r}: float32 or bfloat16")
     if cfg.engine not in ("ours", "vllm"):
         raise SystemExit(f"error: --engine {cfg.engine!r}: ours or vllm")
     vllm_fast = cfg.engine == "vllm" and (cfg.quantize or cfg.compile)
@@ -366,9 +371,10 @@ def run(argv=None):
         raise SystemExit("error: --engine vllm runs as one process (vLLM parallelizes itself)")
     sample_fn, tok, template, mcfg = load_engine(cfg, device, dtype)
     if cfg.reward_model:
-        # fp32 whatever the policy's dtype: bf16 rewards tie and reorder close candidates among 64
-        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device, torch.float32,
-                                               reward=True)
+        # fp32 by default whatever the policy's dtype: bf16 moves rewards (by 0.016 on average
+        # for a std of 1.6 on the recipe's RM), enough to reorder close candidates among 64
+        rm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.rm_dtype]
+        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device, rm_dtype, reward=True)
         if cfg.quantize:  # int8 weights, fp32 activations and score head
             M.quantize_int8(rm)
         rm_template = D.get_template(rm_template, cfg.template)

@@ -43,6 +43,9 @@ class Config:
     eval_n: int = 16  # responses per held-out prompt for the RS and DPO policies
     temperature: float = 0.8  # every sampling stage
     max_new_tokens: int = 80
+    # the RM scoring the Xwin-Set and held-out pools: bfloat16 would take ~15 of the chain's 68 min
+    # off on this CPU (FINDINGS.md 8), float32 is what the committed run used
+    rm_dtype: str = "float32"
     rm_lr: float = 1e-4  # 3e-5 moved the rewards by only ~0.1 in 51 steps (accuracy ~0.65)
     rm_epochs: int = 1  # one pass over 4x the pairs beat two over a quarter (FINDINGS.md 8)
     rm_batch_tokens: int = 2048  # packed tokens per RM micro-batch (about 10 pairs)
@@ -318,7 +321,7 @@ def chain(cfg, r):
     )  # (empty replies)
     # the Xwin-Set on train prompts, and the start model's held-out pool (best-of-N, RM accuracy,
     # the start model's score): independent, so side by side
-    scored = ["--n", cfg.n_set, "--reward-model", P("rm"), *samp]
+    scored = ["--n", cfg.n_set, "--reward-model", P("rm"), "--rm-dtype", cfg.rm_dtype, *samp]
     r.run(
         [
             (

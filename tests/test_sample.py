@@ -110,6 +110,18 @@ def test_rewards_equal_one_by_one(tmp_path, tiny_vicuna, sp_tokenizer):
             assert abs(r["reward"] - one) <= 1e-5
             rewards.append(r["reward"])
     assert len(rewards) == 9 and len(set(rewards)) > 1
+    # --rm-dtype bfloat16: the same responses (policy in fp32), rewards close to fp32's, not tied
+    bf = sample_run(tiny_vicuna, data, tmp_path / "b.jsonl", "--n", 3, "--max-new-tokens", 6, "--reward-model", rm_path,
+                    "--temperature", 1.0, "--rm-dtype", "bfloat16")
+    pairs = [(a["reward"], b["reward"]) for x, y in zip(recs, bf) for a, b in zip(x["responses"], y["responses"])
+             if a["content"] == b["content"]]
+    spread = max(rewards) - min(rewards)
+    assert len(pairs) == 9 and all(abs(a - b) <= 0.05 * spread + 1e-3 for a, b in pairs)
+    assert any(a != b for a, b in pairs)  # scored in bf16 indeed
+    assert len({b for _, b in pairs}) == len({a for a, _ in pairs})
+    p = run_script("sample.py", "--model", tiny_vicuna, "--data", data, "--reward-model", rm_path, "--rm-dtype", "fp16",
+                   "--out", str(tmp_path / "x.jsonl"), check=False)
+    assert p.returncode != 0 and "--rm-dtype 'fp16'" in p.stderr
 
 def test_torchrun_covers_every_prompt_once(tmp_path, tiny_vicuna):
     data = write_jsonl(tmp_path / "p.jsonl", prompts(5))
