@@ -375,7 +375,7 @@ def run(argv=None):
         # for a std of 1.6 on the recipe's RM), enough to reorder close candidates among 64
         rm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.rm_dtype]
         rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device, rm_dtype, reward=True)
-        if cfg.quantize:  # int8 weights, fp32 activations and score head
+        if cfg.quantize:  # int8 weights, float score head
             M.quantize_int8(rm)
         rm_template = D.get_template(rm_template, cfg.template)
     items = []
@@ -386,7 +386,8 @@ def run(argv=None):
                               f"(max {mcfg.max_position_embeddings} positions)")
         items.append({"id": rid, "messages": messages, "ids": ids})
     keys = "n temperature top_p top_k max_new_tokens stop seed unique engine".split()
-    sampling = {k: getattr(cfg, k) for k in keys} | {"dtype": str(dtype).replace("torch.", "")}
+    sampling = {k: getattr(cfg, k) for k in keys} | {"dtype": str(dtype).replace("torch.", "")} | (
+        {"reward_model": cfg.reward_model, "rm_dtype": cfg.rm_dtype} if cfg.reward_model else {})
 
     # The bar counts tokens as they are generated (a batch can hold every prompt): its total is
     # the budget, n x --max-new-tokens a prompt, and a batch's unused budget is added as it ends.

@@ -206,3 +206,13 @@ def test_quick_chain(tmp_path):
         env=env,
     )
     assert p.returncode == 0 and "$ (cd" not in p.stdout and "done already" in p.stdout
+
+
+def test_bad_rm_dtype_stops_before_any_stage(tmp_path):
+    """--rm-dtype is sample.py's, but checked at the start: a typo would otherwise stop the chain
+    only at the Xwin-Set, after sampling, judging and RM training."""
+    import recipe
+
+    with pytest.raises(SystemExit, match="--rm-dtype 'bf16'"):
+        recipe.main(["--quick", "--out", str(tmp_path / "q"), "--rm-dtype", "bf16"])
+    assert not (tmp_path / "q").exists()

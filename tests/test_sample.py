@@ -117,7 +117,9 @@ def test_rewards_equal_one_by_one(tmp_path, tiny_vicuna, sp_tokenizer):
              if a["content"] == b["content"]]
     spread = max(rewards) - min(rewards)
     assert len(pairs) == 9 and all(abs(a - b) <= 0.05 * spread + 1e-3 for a, b in pairs)
-    assert any(a != b for a, b in pairs)  # scored in bf16 indeed
+    assert any(a != b for a, b in pairs)  # scored in bf16 indeed, the head's output not bf16-rounded:
+    assert any(float(torch.tensor(b).bfloat16()) != b for _, b in pairs)
+    assert all(r["sampling"]["rm_dtype"] == "bfloat16" for r in bf)
     assert len({b for _, b in pairs}) == len({a for a, _ in pairs})
     p = run_script("sample.py", "--model", tiny_vicuna, "--data", data, "--reward-model", rm_path, "--rm-dtype", "fp16",
                    "--out", str(tmp_path / "x.jsonl"), check=False)
