@@ -98,6 +98,10 @@ def parse_args(argv=None):
 # Running stages: the exact command lines a user would type, printed, logged, timed, resumable
 
 
+def command(args):  # a stage's command line as its marker keeps it (the judge's port varies)
+    return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", " ".join(str(a) for a in args))
+
+
 class Runner:
     def __init__(self, cfg):
         self.cfg, self.out = cfg, os.path.abspath(cfg.out)
@@ -110,8 +114,19 @@ class Runner:
     def p(self, *parts):
         return os.path.join(self.out, *parts)
 
-    def done(self, name):
-        return os.path.exists(self.p("done", name))
+    def done(self, name, args=None):
+        """Whether a stage is done: its marker holds the command line it ran (an empty marker:
+        a step without one, or an older run). A different command line stops the chain: its
+        outputs are resumed by id, so other flags would mix two settings in one file."""
+        path = self.p("done", name)
+        if not os.path.exists(path):
+            return False
+        ran = open(path).read()
+        if args is not None and ran and ran != command(args):
+            raise SystemExit(f"[{name}] {self.out} has it done with another command line:\n  {ran}"
+                             f"\nnow:\n  {command(args)}\nuse another --out (or delete {path} "
+                             "and that stage's outputs)")
+        return True
 
     def start(self, name, args, side_by_side=1):
         cmd = [sys.executable] + [str(a) for a in args]
@@ -125,7 +140,7 @@ class Runner:
 
     def run(self, stages):
         """stages: [(name, args)], run side by side; each is skipped when already done."""
-        todo = [(n, a) for n, a in stages if not self.done(n)]
+        todo = [(n, a) for n, a in stages if not self.done(n, a)]
         for n, _ in stages:
             if self.done(n):
                 print(f"[{n}] done already ({self.timings.get(n, float('nan')):.0f}s)", flush=True)
@@ -138,16 +153,17 @@ class Runner:
                 if rc is None:
                     continue
                 del running[n]
-                self.finished(n, rc, time.time() - t0, procs)
+                self.finished(n, rc, time.time() - t0, procs, dict(todo)[n])
 
-    def finished(self, n, rc, seconds, procs):
+    def finished(self, n, rc, seconds, procs, args):
         self.timings[n] = seconds
         if rc != 0:
             for q in procs.values():
                 q.kill() if q.poll() is None else None
             tail = open(self.p("logs", f"{n}.log")).read()[-3000:]
             raise SystemExit(f"[{n}] failed ({rc}); log {self.p('logs', n + '.log')}:\n{tail}")
-        open(self.p("done", n), "w").close()
+        with open(self.p("done", n), "w") as f:
+            f.write(command(args))
         json.dump(self.timings, open(self.tpath, "w"), indent=1)
         print(f"[{n}] {seconds:.0f}s", flush=True)
 

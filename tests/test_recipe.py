@@ -208,6 +208,27 @@ def test_quick_chain(tmp_path):
     assert p.returncode == 0 and "$ (cd" not in p.stdout and "done already" in p.stdout
 
 
+def test_changed_flags_stop_a_rerun(tmp_path):
+    """A rerun skips the stages whose marker holds the same command line, and stops at the first
+    one run with other flags (its outputs would be resumed by id, two settings in one file)."""
+    import recipe
+
+    out, started = str(tmp_path / "q"), []
+    r = recipe.Runner(recipe.parse_args(["--quick", "--out", out]))
+    r.start = lambda n, a, k: started.append(n) or subprocess.Popen([sys.executable, "-c", "pass"])
+    stage = [("s", ["script.py", "--flag", 1])]
+    r.run(stage)
+    assert open(os.path.join(out, "done", "s")).read() == "script.py --flag 1" and started == ["s"]
+    r.run(stage)  # the same command line: skipped
+    assert started == ["s"]
+    changed = r"\[s\] .* another command line:\n.*--flag 1\nnow:\n.*--flag 2"
+    with pytest.raises(SystemExit, match=changed):
+        r.run([("s", ["script.py", "--flag", 2])])
+    open(os.path.join(out, "done", "old"), "w").close()  # an older run's empty marker: done
+    r.run([("old", ["anything"])])
+    assert started == ["s"]
+
+
 def test_bad_rm_dtype_stops_before_any_stage(tmp_path):
     """--rm-dtype is sample.py's, but checked at the start: a typo would otherwise stop the chain
     only at the Xwin-Set, after sampling, judging and RM training."""
