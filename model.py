@@ -876,12 +876,13 @@ def native_bf16():
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype, --rm-dtype, ...
+
 def pick_device(device="auto", dtype="auto", local_rank=0):
     """--device and --dtype -> (torch.device, torch.dtype); auto: CUDA when there is one,
     bfloat16 on CUDA and float32 on CPU."""
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    dtypes = {"auto": torch.bfloat16 if cuda else torch.float32, "bfloat16": torch.bfloat16,
-              "float32": torch.float32}
+    dtypes = DTYPES | {"auto": torch.bfloat16 if cuda else torch.float32}
     if dtype not in dtypes:
         raise SystemExit(f"error: --dtype {dtype}: expected auto, float32 or bfloat16")
     return torch.device(f"cuda:{local_rank}" if cuda else "cpu"), dtypes[dtype]

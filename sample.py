@@ -336,7 +336,7 @@ def run(argv=None):
         MT.category_temperatures(cfg.category_temperature, cfg.temperature)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if cfg.rm_dtype not in ("float32", "bfloat16"):
+    if cfg.rm_dtype not in M.DTYPES:
         raise SystemExit(f"error: --rm-dtype {cfg.rm_dtype!r}: float32 or bfloat16")
     if cfg.engine not in ("ours", "vllm"):
         raise SystemExit(f"error: --engine {cfg.engine!r}: ours or vllm")
@@ -373,8 +373,8 @@ def run(argv=None):
     if cfg.reward_model:
         # fp32 by default whatever the policy's dtype: bf16 moves rewards (by 0.016 on average
         # for a std of 1.6 on the recipe's RM), enough to reorder close candidates among 64
-        rm_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.rm_dtype]
-        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device, rm_dtype, reward=True)
+        rm, rm_tok, rm_template = M.load_model(cfg.reward_model, device, M.DTYPES[cfg.rm_dtype],
+                                               reward=True)
         if cfg.quantize:  # int8 weights, float score head
             M.quantize_int8(rm)
         rm_template = D.get_template(rm_template, cfg.template)

@@ -97,7 +97,7 @@ def prepare_model(cfg, reward=False):
     torchrun FSDP2 (each block, then the root; bf16 compute with fp32 gradient reduction on CUDA),
     each rank reading only its shard of the checkpoint; a plain module otherwise."""
     d = setup_dist(cfg)
-    if cfg.export_dtype not in ("float32", "bfloat16"):  # checked now, not after the training
+    if cfg.export_dtype not in M.DTYPES:  # checked now, not after the training
         raise SystemExit(f"error: --export-dtype {cfg.export_dtype}: float32 or bfloat16")
     torch.manual_seed(cfg.seed)
     model, tok, template, path = M.load_model(cfg.model or M.default_model(), reward=reward,
@@ -168,8 +168,7 @@ def export(cfg, model, tok, template, extra=None, hint="chat with: python chat.p
         eos = D.stop_ids(tok, template, model.cfg.eos_token_id)
         mcfg = dataclasses.replace(model.cfg, eos_token_id=eos[0] if len(eos) == 1 else eos)
         tok.chat_template = D.JINJA[template]
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.export_dtype]
-        sd = {k: v.to(dtype) for k, v in sd.items()}
+        sd = {k: v.to(M.DTYPES[cfg.export_dtype]) for k, v in sd.items()}
         M.save_checkpoint(cfg.out, sd, mcfg, tok, {"chat_template_name": template} | (extra or {}))
         print(f"saved {cfg.out} ({hint} {cfg.out})")
         state = os.path.join(cfg.out, "state")  # 2x the model's size in optimizer moments, which

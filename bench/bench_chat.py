@@ -128,7 +128,7 @@ def child(cfg):
         torch.set_num_threads(cfg.threads)
     if cfg.child == "quality":
         return quality(cfg)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    dtype = M.DTYPES[cfg.dtype]
     timer = time_hf if cfg.child == "hf" else time_llamacpp if cfg.child == "llama.cpp" else time_ours
     gen, n_prompt, decode = timer(cfg, dtype)
     startup = time.perf_counter() - T0

@@ -125,7 +125,7 @@ def child(cfg):
     template = M.checkpoint_template(path, tok)
     prompts = [D.render(tok, c, template, prompt=True)[0] for c in conversations(cfg.prompts)]
     eos = D.stop_ids(tok, template, model_cfg["eos_token_id"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    dtype = M.DTYPES[cfg.dtype]
     t0, c0, counts = (run_hf if cfg.child == "hf" else run_ours)(cfg, path, prompts, eos, dtype)
     wall, cpu = time.time() - t0, time.process_time() - c0
     res = {"tokens": sum(counts), "wall_s": wall, "tokens_per_s": sum(counts) / wall, "tokens_per_cpu_s": sum(counts) / cpu,
