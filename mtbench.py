@@ -5,7 +5,7 @@ grading on 1-10 (ours by default; FastChat's judge_prompts.jsonl with --judge-pr
 rating's parsing, and its probability-weighted reading from logprobs. sample.py answers the
 questions at MT_BENCH_TEMPERATURES; annotate.py --mode single grades the answers.
 """
-import re
+import hashlib, re, time
 import data as D
 
 MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "stem": 0.1, "humanities": 0.1,
@@ -162,3 +162,59 @@ def answer_turns(rec, where):
     except (KeyError, IndexError, TypeError, AssertionError):
         raise D.DataError(f"{where}: needs choices: [{{index, turns: [strings]}}]") from None
     return turns
+
+# ---- Answering: each turn from the conversation so far, including the model's own answers
+
+def sample_groups(sample_fn, prompts, n, rngs, temps):
+    """sample_fn over prompts that may differ in temperature: one call per temperature."""
+    out = [None] * len(prompts)
+    for t in sorted(set(temps)):
+        idx = [i for i, x in enumerate(temps) if x == t]
+        for i, res in zip(idx, sample_fn([prompts[i] for i in idx], n, [rngs[i] for i in idx], t)):
+            out[i] = res
+    return out
+
+def answer_questions(sample_fn, tok, template, mcfg, cfg, batch, questions, rng, model, model_id):
+    """The batch's questions, answered turn by turn: turn 1 from the question (n samples sharing
+    its prompt), turn k of each sample from that sample's own conversation. -> records in our
+    format (messages: sample 0's conversation up to the last question; responses: each sample's
+    last answer, all its turns in 'turns') and FastChat's (question_id, model_id, choices).
+    sample_fn is sample.py's; rng(key) the generator of a prompt or a sample's later turn."""
+    temp_of = category_temperatures(cfg.category_temperature, cfg.temperature)
+    qs = [questions[it["id"]] for it in batch]
+    temps = [temp_of(q.get("category")) for q in qs]
+    convs = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> messages so far
+    answers = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> response dicts
+    for k in range(max(len(q["turns"]) for q in qs)):
+        # turn 1: a prompt per question, its n samples sharing it; later turns: a prompt per sample
+        rows = [(i, j) for i, q in enumerate(qs) if k < len(q["turns"])
+                for j in range(cfg.n if k else 1)]
+        asked = {(i, j): [{"role": "user", "content": qs[i]["turns"][k]}] for i, j in rows}
+        prompts, rngs = [], []
+        for i, j in rows:
+            ids = D.render(tok, convs[i][j] + asked[i, j], template, prompt=True)[0]
+            if len(ids) >= mcfg.max_position_embeddings:
+                raise D.DataError(f"question {batch[i]['id']}, turn {k + 1}: {len(ids)} tokens "
+                                  f"leave no room to answer (lower --max-new-tokens)")
+            prompts.append(ids)
+            rngs.append(rng(batch[i]["id"] if k == 0 else f"{batch[i]['id']}/turn{k + 1}/{j}"))
+        results = sample_groups(sample_fn, prompts, 1 if k else cfg.n, rngs,
+                                [temps[i] for i, _ in rows])
+        for (i, j), res in zip(rows, results):
+            for jj, r in zip(range(j, j + len(res)), res):  # turn 1: samples 0..n-1; then j
+                r["truncated"] = r["finish_reason"] == "length"
+                answers[i][jj].append(r)
+                convs[i][jj] = convs[i][jj] + asked[i, j] + [{"role": "assistant",
+                                                              "content": r["content"]}]
+    recs = []
+    for it, q, conv, ans, t in zip(batch, qs, convs, answers, temps):
+        responses = [a[-1] | {"turns": a} for a in ans]
+        recs.append({"id": it["id"], "messages": conv[0][:-1], "responses": responses,
+                     "model": model, "sampling": {"temperature": t},
+                     "question_id": q["question_id"], "category": q.get("category"),
+                     "turns": q["turns"], "model_id": model_id,
+                     "answer_id": hashlib.sha256(f"{model_id}:{it['id']}".encode()).hexdigest(),
+                     "choices": [{"index": j, "turns": [r["content"] for r in a]}
+                                 for j, a in enumerate(ans)], "tstamp": time.time()}
+                    | ({"reference": q["reference"]} if "reference" in q else {}))
+    return recs

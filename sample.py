@@ -215,63 +215,7 @@ def reward_scores(model, tok, template, conversations, batch_tokens=16384, max_l
     return out.tolist()
 
 # -------------------------------------------------------------------------------------------------
-# MT-bench: two-turn questions, each turn answered from the conversation including the model's own
-# earlier answers; FastChat's answer format
-
-def sample_groups(sample_fn, prompts, n, rngs, temps):
-    """sample_fn over prompts that may differ in temperature: one call per temperature."""
-    out = [None] * len(prompts)
-    for t in sorted(set(temps)):
-        idx = [i for i, x in enumerate(temps) if x == t]
-        for i, res in zip(idx, sample_fn([prompts[i] for i in idx], n, [rngs[i] for i in idx], t)):
-            out[i] = res
-    return out
-
-def answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questions):
-    """The batch's questions, answered turn by turn: turn 1 from the question (n samples sharing
-    its prompt), turn k of each sample from that sample's own conversation. -> records in our
-    format (messages: sample 0's conversation up to the last question; responses: each sample's
-    last answer, all its turns in 'turns') and FastChat's (question_id, model_id, choices)."""
-    temp_of = MT.category_temperatures(cfg.category_temperature, cfg.temperature)
-    qs = [questions[it["id"]] for it in batch]
-    temps = [temp_of(q.get("category")) for q in qs]
-    convs = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> messages so far
-    answers = [[[] for _ in range(cfg.n)] for _ in qs]  # [question][sample] -> response dicts
-    for k in range(max(len(q["turns"]) for q in qs)):
-        # turn 1: a prompt per question, its n samples sharing it; later turns: a prompt per sample
-        rows = [(i, j) for i, q in enumerate(qs) if k < len(q["turns"])
-                for j in range(cfg.n if k else 1)]
-        asked = {(i, j): [{"role": "user", "content": qs[i]["turns"][k]}] for i, j in rows}
-        prompts, rngs = [], []
-        for i, j in rows:
-            ids = D.render(tok, convs[i][j] + asked[i, j], template, prompt=True)[0]
-            if len(ids) >= mcfg.max_position_embeddings:
-                raise D.DataError(f"question {batch[i]['id']}, turn {k + 1}: {len(ids)} tokens "
-                                  f"leave no room to answer (lower --max-new-tokens)")
-            prompts.append(ids)
-            rngs.append(rng_of(cfg, device, batch[i]["id"] if k == 0 else
-                               f"{batch[i]['id']}/turn{k + 1}/{j}"))
-        results = sample_groups(sample_fn, prompts, 1 if k else cfg.n, rngs,
-                                [temps[i] for i, _ in rows])
-        for (i, j), res in zip(rows, results):
-            for jj, r in zip(range(j, j + len(res)), res):  # turn 1: samples 0..n-1; then j
-                r["truncated"] = r["finish_reason"] == "length"
-                answers[i][jj].append(r)
-                convs[i][jj] = convs[i][jj] + asked[i, j] + [{"role": "assistant",
-                                                              "content": r["content"]}]
-    model_id = model_name(cfg)
-    recs = []
-    for it, q, conv, ans, t in zip(batch, qs, convs, answers, temps):
-        responses = [a[-1] | {"turns": a} for a in ans]
-        recs.append({"id": it["id"], "messages": conv[0][:-1], "responses": responses,
-                     "model": cfg.model or M.default_model(), "sampling": {"temperature": t},
-                     "question_id": q["question_id"], "category": q.get("category"),
-                     "turns": q["turns"], "model_id": model_id,
-                     "answer_id": hashlib.sha256(f"{model_id}:{it['id']}".encode()).hexdigest(),
-                     "choices": [{"index": j, "turns": [r["content"] for r in a]}
-                                 for j, a in enumerate(ans)], "tstamp": time.time()}
-                    | ({"reference": q["reference"]} if "reference" in q else {}))
-    return recs
+# MT-bench (mtbench.py answers its two-turn questions) and AlpacaEval: names and output files
 
 def model_name(cfg):
     return cfg.model_id or os.path.basename(os.path.normpath(cfg.model or M.default_model()))
@@ -403,7 +347,9 @@ def run(argv=None):
     for batch in batches(items, cfg):
         start = live[0]
         if questions:  # MT-bench: every turn of each question, in its own loop (bar: per batch)
-            recs = answer_questions(sample_fn, tok, template, mcfg, cfg, device, batch, questions)
+            recs = MT.answer_questions(sample_fn, tok, template, mcfg, cfg, batch, questions,
+                                       lambda key: rng_of(cfg, device, key),
+                                       cfg.model or M.default_model(), model_name(cfg))
             recs = [r | {"sampling": sampling | r["sampling"]} for r in recs]
             results = []
         else:
