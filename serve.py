@@ -463,8 +463,8 @@ def serve(cfg, model, tok, template, eos, name):
             self.head = {"id": rid, "created": created, "model": name}
             try:
                 self.answer(job, ids)
-            except (BrokenPipeError, ConnectionResetError, TimeoutError):
-                job.gone = True  # its rows stop decoding at the next step, and free their slot
+            except BaseException:  # the client went away, or answering it failed: either way its
+                job.gone = True  # rows stop decoding at the next step, and free their slot
                 raise
 
         def client_gone(self):  # a closed connection reads as end-of-file at once

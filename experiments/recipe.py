@@ -98,10 +98,6 @@ def parse_args(argv=None):
 # Running stages: the exact command lines a user would type, printed, logged, timed, resumable
 
 
-def command(args):  # a stage's command line as its marker keeps it (the judge's port varies)
-    return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", " ".join(str(a) for a in args))
-
-
 class Runner:
     def __init__(self, cfg):
         self.cfg, self.out = cfg, os.path.abspath(cfg.out)
@@ -114,6 +110,11 @@ class Runner:
     def p(self, *parts):
         return os.path.join(self.out, *parts)
 
+    def command(self, args):  # a stage's command line as its marker keeps it: OUT and the
+        # judge's port masked, so a moved folder or another port still resumes
+        line = " ".join(str(a) for a in args).replace(self.out, "OUT")
+        return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", line)
+
     def done(self, name, args=None):
         """Whether a stage is done: its marker holds the command line it ran (an empty marker:
         a step without one, or an older run). A different command line stops the chain: its
@@ -122,9 +123,9 @@ class Runner:
         if not os.path.exists(path):
             return False
         ran = open(path).read()
-        if args is not None and ran and ran != command(args):
+        if args is not None and ran and ran != self.command(args):
             raise SystemExit(f"[{name}] {self.out} has it done with another command line:\n  {ran}"
-                             f"\nnow:\n  {command(args)}\nuse another --out (or delete {path} "
+                             f"\nnow:\n  {self.command(args)}\nuse another --out (or delete {path} "
                              "and that stage's outputs)")
         return True
 
@@ -163,7 +164,7 @@ class Runner:
             tail = open(self.p("logs", f"{n}.log")).read()[-3000:]
             raise SystemExit(f"[{n}] failed ({rc}); log {self.p('logs', n + '.log')}:\n{tail}")
         with open(self.p("done", n), "w") as f:
-            f.write(command(args))
+            f.write(self.command(args))
         json.dump(self.timings, open(self.tpath, "w"), indent=1)
         print(f"[{n}] {seconds:.0f}s", flush=True)
 

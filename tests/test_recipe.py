@@ -224,6 +224,8 @@ def test_changed_flags_stop_a_rerun(tmp_path):
     changed = r"\[s\] .* another command line:\n.*--flag 1\nnow:\n.*--flag 2"
     with pytest.raises(SystemExit, match=changed):
         r.run([("s", ["script.py", "--flag", 2])])
+    moved = recipe.Runner(recipe.parse_args(["--quick", "--out", str(tmp_path / "q2")]))
+    assert moved.command([os.path.join(moved.out, "x.jsonl")]) == r.command([r.p("x.jsonl")])
     open(os.path.join(out, "done", "old"), "w").close()  # an older run's empty marker: done
     r.run([("old", ["anything"])])
     assert started == ["s"]
