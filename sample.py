@@ -196,17 +196,15 @@ def dedupe(responses, resample, tries):
     return len(responses) - len({r["content"] for r in responses})
 
 @torch.no_grad()
-def reward_scores(model, tok, template, conversations, batch_tokens=16384, max_len=None,
-                  closed=None):
+def reward_scores(model, tok, template, conversations, batch_tokens=16384, max_len=None):
     """Reward-model scores of full conversations (each ending with the assistant response being
     judged), packed by token budget; the reward is read at each conversation's closing EOS, so a
-    long one keeps its end (and its BOS). closed[i] False: reply i was cut at --max-new-tokens and
-    is scored at its last token, not at an EOS the model never produced."""
+    long one keeps its end (and its BOS). A reply cut at --max-new-tokens is closed too: train_rm.py
+    learnt its rewards at closing EOS tokens (the judge saw a cut reply's text as the reply), and
+    read at a cut reply's last token instead they were near chance (experiments/FINDINGS.md 9)."""
     model.eval()
     max_len = max_len or model.cfg.max_position_embeddings
-    closed = [True] * len(conversations) if closed is None else closed
-    seqs = [D.keep_end(D.render(tok, c, template, closed=e)[0], max_len)
-            for c, e in zip(conversations, closed, strict=True)]
+    seqs = [D.keep_end(D.render(tok, c, template)[0], max_len) for c in conversations]
     out = torch.empty(len(seqs))
     budget = max(batch_tokens, max(map(len, seqs)))
     for b in D.make_batches([len(s) for s in seqs], budget, shuffle=False):
@@ -331,7 +329,8 @@ def run(argv=None):
         items.append({"id": rid, "messages": messages, "ids": ids})
     keys = "n temperature top_p top_k max_new_tokens stop seed unique engine".split()
     sampling = {k: getattr(cfg, k) for k in keys} | {"dtype": str(dtype).replace("torch.", "")} | (
-        {"reward_model": cfg.reward_model, "rm_dtype": cfg.rm_dtype} if cfg.reward_model else {})
+        {"reward_model": cfg.reward_model, "rm_dtype": cfg.rm_dtype,
+         "reward_at": "closing EOS"} if cfg.reward_model else {})  # also for replies cut short
 
     # The bar counts tokens as they are generated (a batch can hold every prompt): its total is
     # the budget, n x --max-new-tokens a prompt, and a batch's unused budget is added as it ends.
@@ -366,13 +365,12 @@ def run(argv=None):
                 recs[-1]["duplicates"] = dedupe(res, resample, tries)
         flat = [x for r in recs for x in r["responses"]]
         flat += [t for r in recs for x in r["responses"] for t in x.get("turns", [])[:-1]]
-        for x in flat:  # cut at --max-new-tokens: never finished, so scored without an EOS
+        for x in flat:  # cut at --max-new-tokens (RS never picks it, DPO never as chosen)
             x["truncated"] = x["finish_reason"] == "length"
         if cfg.reward_model:  # every response of the batch in packed RM forwards
             convs = [r["messages"] + [{"role": "assistant", "content": x["content"]}]
                      for r in recs for x in r["responses"]]
-            scores = reward_scores(rm, rm_tok, rm_template, convs, cfg.rm_batch_tokens,
-                                   closed=[not x["truncated"] for x in flat])
+            scores = reward_scores(rm, rm_tok, rm_template, convs, cfg.rm_batch_tokens)
             for x, score in zip(flat, scores, strict=True):
                 x["reward"] = score
         D.append_jsonl(path, recs)

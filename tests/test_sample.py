@@ -106,7 +106,7 @@ def test_rewards_equal_one_by_one(tmp_path, tiny_vicuna, sp_tokenizer):
     for rec in recs:
         for r in rec["responses"]:
             conv = rec["messages"] + [{"role": "assistant", "content": r["content"]}]
-            one = sample.reward_scores(rm, tok, template, [conv], closed=[not r["truncated"]])[0]
+            one = sample.reward_scores(rm, tok, template, [conv])[0]
             assert abs(r["reward"] - one) <= 1e-5
             rewards.append(r["reward"])
     assert len(rewards) == 9 and len(set(rewards)) > 1
@@ -198,7 +198,10 @@ def test_bad_input(tmp_path, tiny_vicuna):
         sample_run(tiny_vicuna, dup, tmp_path / "o.jsonl")
     assert not os.path.exists(tmp_path / "o.jsonl")
 
-def test_truncated_response_is_scored_without_eos_and_marked(tmp_path, sp_tokenizer):
+def test_truncated_response_is_scored_closed_and_marked(tmp_path, sp_tokenizer):
+    """A reply cut at --max-new-tokens is marked, and scored as train_rm.py renders every reply:
+    closed by an EOS, its reward read there (read at its last token, held-out accuracy was near
+    chance on pairs of cut replies)."""
     path = make_checkpoint(tmp_path / "m", sp_tokenizer, "vicuna")
     cfg = json.load(open(tmp_path / "m" / "config.json"))  # many EOS ids: some samples end early
     eos = [cfg["eos_token_id"]] + list(range(5, cfg["vocab_size"], 6))
@@ -219,7 +222,7 @@ def test_truncated_response_is_scored_without_eos_and_marked(tmp_path, sp_tokeni
                 closed, open_ = (float(rm(torch.tensor([D.render(tok, conv, template,
                                                                  closed=c)[0]])))
                                  for c in (True, False))
-            assert r["reward"] == pytest.approx(open_ if cut else closed, abs=1e-5)
+            assert r["reward"] == pytest.approx(closed, abs=1e-5)
             assert abs(closed - open_) > 1e-4  # the two differ: the test tells them apart
     assert cut_seen == {True, False}
 
