@@ -231,6 +231,33 @@ def test_changed_flags_stop_a_rerun(tmp_path):
     assert started == ["s"]
 
 
+def test_changed_flags_stop_a_half_done_stage(tmp_path):
+    """A stage killed half-way (no done marker) resumes by id on a rerun: with the same command
+    line only, else the rerun stops before starting it."""
+    import recipe
+
+    out = str(tmp_path / "q")
+    r = recipe.Runner(recipe.parse_args(["--quick", "--out", out]))
+    killed = ["-c", "import sys; sys.exit(1)"]  # python -c ...: a stage that dies
+    with pytest.raises(SystemExit, match=r"\[s\] failed"):
+        r.run([("s", killed + ["--flag", 1])])
+    assert not os.path.exists(os.path.join(out, "done", "s"))
+    with pytest.raises(SystemExit, match=r"\[s\] .* half done with another command line"):
+        r.run([("s", killed + ["--flag", 2])])
+    with pytest.raises(SystemExit, match=r"\[s\] failed"):  # the same line: started again
+        r.run([("s", killed + ["--flag", 1])])
+    # side by side: a refused stage stops the group before any of it starts
+    with pytest.raises(SystemExit, match=r"\[s\] .* half done"):
+        r.run([("a", ["-c", "pass"]), ("s", killed + ["--flag", 2])])
+    assert not os.path.exists(os.path.join(out, "started", "a"))
+    os.remove(os.path.join(out, "started", "s"))  # as the message says: then it starts anew
+    r.run([("s", ["-c", "pass", "--flag", 1])])
+    assert not os.path.exists(os.path.join(out, "started", "s"))  # finished: done marker only
+    os.remove(os.path.join(out, "done", "s"))  # as the done-mismatch message says: any flags
+    r.run([("s", ["-c", "pass", "--flag", 3])])
+    assert open(os.path.join(out, "done", "s")).read().endswith("--flag 3")
+
+
 def test_bad_rm_dtype_stops_before_any_stage(tmp_path):
     """--rm-dtype is sample.py's, but checked at the start: a typo would otherwise stop the chain
     only at the Xwin-Set, after sampling, judging and RM training."""
