@@ -9,7 +9,8 @@ Chain: sample.py --n 2 -> gold judge + annotate.py (Xwin-Pair) -> train_rm.py (f
 model) -> sample.py --n 64 --reward-model (Xwin-Set, train prompts) -> rejection_sft.py -> dpo.py
 (from the RS model, pairs from the Xwin-Set) -> sample.py on the held-out prompts for start, RS and
 DPO -> annotate.py --a/--b --report (win rates). A stage whose marker OUT/done/STAGE exists is
-skipped, so a rerun resumes (sample.py and annotate.py also resume inside a stage). Independent
+skipped, so a rerun resumes (sample.py and annotate.py also resume inside a stage, with the command
+line kept in OUT/started/STAGE). Independent
 stages run side by side, the cores split among them (--threads 0), so two cores are used even where
 one stage cannot use both, and a stage that runs alone gets both. Outputs: OUT/results.json, OUT/results.md, OUT/best_of_n.png,
 OUT/logs/*.log, OUT/timings.json. Only stdlib, numpy, matplotlib and transformers (for the --quick
@@ -35,7 +36,8 @@ class Config:
     model: str = ""  # start (SFT) model; default: the bundled SmolLM2-135M-Instruct GGUF
     seed: int = 0  # prompts and everything downstream
     # train prompts sampled twice and judged (Xwin-Pair); the RM is data-limited (FINDINGS.md 8):
-    # 640 (278 decisive pairs) gave held-out accuracy 0.64, 2560 (1186) 0.71
+    # 640 (278 decisive pairs) gave held-out accuracy 0.64, 2560 (1186) 0.71; 0.74 with every
+    # reward read at a closing EOS (FINDINGS.md 9)
     rm_prompts: int = 2560
     set_prompts: int = 64  # other train prompts sampled n_set times (Xwin-Set) for RS and DPO
     heldout: int = 40  # held-out prompts (their topics never occur in training)
@@ -46,7 +48,9 @@ class Config:
     # the RM scoring the Xwin-Set and held-out pools: bf16 scores 3.5x faster on an avx512_bf16
     # core, rewards within 1% of their std of fp32's, the same best-of-64 picks (FINDINGS.md 8)
     rm_dtype: str = "bfloat16"
-    rm_lr: float = 1e-4  # 3e-5 moved the rewards by only ~0.1 in 51 steps (accuracy ~0.65)
+    # 3e-5 moved the rewards by only ~0.1 in 51 steps (accuracy ~0.65); 1e-4 under-fits and
+    # 3e-4 gave 0.80 held out in one RM run, not yet through the chain (FINDINGS.md 10)
+    rm_lr: float = 1e-4
     rm_epochs: int = 1  # one pass over 4x the pairs beat two over a quarter (FINDINGS.md 8)
     rm_batch_tokens: int = 2048  # packed tokens per RM micro-batch (about 10 pairs)
     rs_lr: float = 3e-5
