@@ -123,23 +123,23 @@ class Runner:
         """Whether a stage is done: its marker holds the command line it ran (an empty marker:
         a step without one, or an older run). A different command line stops the chain: its
         outputs are resumed by id, so other flags would mix two settings in one file."""
-        path = self.p("done", name)
+        return self.same_line("done", name, args)
+
+    def check_started(self, name, args):
+        """A stage stopped half-way resumes by id too: only with the line it started with."""
+        self.same_line("started", name, args, "half done")
+
+    def same_line(self, kind, name, args, what="done"):
+        """Whether OUT/kind/name exists; stops when it holds another command line than args'."""
+        path = self.p(kind, name)
         if not os.path.exists(path):
             return False
         ran = open(path).read()
         if args is not None and ran and ran != self.command(args):
-            raise SystemExit(f"[{name}] {self.out} has it done with another command line:\n  {ran}"
-                             f"\nnow:\n  {self.command(args)}\nuse another --out (or delete {path} "
-                             "and that stage's outputs)")
+            raise SystemExit(f"[{name}] {self.out} has it {what} with another command line:\n"
+                             f"  {ran}\nnow:\n  {self.command(args)}\nuse another --out (or "
+                             f"delete {path} and that stage's outputs)")
         return True
-
-    def check_started(self, name, args):
-        """A stage stopped half-way resumes by id: only with the command line it started with."""
-        started = self.p("started", name)
-        if os.path.exists(started) and open(started).read() != self.command(args):
-            raise SystemExit(f"[{name}] {self.out} has it half done with another command line:\n"
-                             f"  {open(started).read()}\nnow:\n  {self.command(args)}\nuse "
-                             f"another --out (or delete {started} and that stage's outputs)")
 
     def start(self, name, args, side_by_side=1):
         with open(self.p("started", name), "w") as f:
@@ -432,7 +432,8 @@ def chain(cfg, r):
     r.run([("dpo", dpo_args(cfg.dpo_pairs, "dpo"))])
     r.run(
         [
-            (f"heldout_{k}", ["sample.py", "--model", P(k), *evals, "--out", P(f"heldout_{k}.jsonl")])
+            (f"heldout_{k}",
+             ["sample.py", "--model", P(k), *evals, "--out", P(f"heldout_{k}.jsonl")])
             for k in ("rs", "dpo")
         ]
     )
