@@ -125,9 +125,17 @@ class Runner:
         outputs are resumed by id, so other flags would mix two settings in one file."""
         return self.same_line("done", name, args)
 
+    # the stages that resume by id inside a stage (the training stages start afresh, and
+    # annotate.py --report writes nothing): only these keep OUT/started/STAGE
+    RESUMING = ("sample.py", "annotate.py")
+
+    def resumes(self, args):
+        return str(args[0]) in self.RESUMING and "--report" not in args
+
     def check_started(self, name, args):
         """A stage stopped half-way resumes by id too: only with the line it started with."""
-        self.same_line("started", name, args, "half done")
+        if self.resumes(args):
+            self.same_line("started", name, args, "half done")
 
     def same_line(self, kind, name, args, what="done"):
         """Whether OUT/kind/name exists; stops when it holds another command line than args'."""
@@ -142,8 +150,9 @@ class Runner:
         return True
 
     def start(self, name, args, side_by_side=1):
-        with open(self.p("started", name), "w") as f:
-            f.write(self.command(args))
+        if self.resumes(args):
+            with open(self.p("started", name), "w") as f:
+                f.write(self.command(args))
         cmd = [sys.executable] + [str(a) for a in args]
         threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // side_by_side)
         print(f"[{name}] $ (cd {self.cfg.scripts} && python {' '.join(cmd[1:])})", flush=True)

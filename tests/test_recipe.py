@@ -239,6 +239,11 @@ def test_changed_flags_stop_a_half_done_stage(tmp_path):
     out = str(tmp_path / "q")
     r = recipe.Runner(recipe.parse_args(["--quick", "--out", out]))
     killed = ["-c", "import sys; sys.exit(1)"]  # python -c ...: a stage that dies
+    fresh = ["-c", "import sys; sys.exit(1)", "--lr", 1]  # one that starts afresh: never held
+    with pytest.raises(SystemExit, match=r"\[t\] failed"):
+        r.run([("t", fresh)])
+    r.run([("t", ["-c", "pass", "--lr", 2])])
+    r.RESUMING = ("-c",)  # python -c stages stand for sample.py and annotate.py from here on
     with pytest.raises(SystemExit, match=r"\[s\] failed"):
         r.run([("s", killed + ["--flag", 1])])
     assert not os.path.exists(os.path.join(out, "done", "s"))
