@@ -48,9 +48,9 @@ class Config:
     # the RM scoring the Xwin-Set and held-out pools: bf16 scores 3.5x faster on an avx512_bf16
     # core, rewards within 1% of their std of fp32's, the same best-of-64 picks (FINDINGS.md 8)
     rm_dtype: str = "bfloat16"
-    # 3e-5 moved the rewards by only ~0.1 in 51 steps (accuracy ~0.65); 1e-4 under-fits and
-    # 3e-4 gave 0.80 held out in one RM run, not yet through the chain (FINDINGS.md 10)
-    rm_lr: float = 1e-4
+    # 3e-5 moved the rewards by only ~0.1 in 51 steps (accuracy ~0.65); on one draw of pairs 1e-4
+    # gave 0.74 held out and 3e-4 0.80, on another 3e-4 gave 0.72 (FINDINGS.md 10-11)
+    rm_lr: float = 3e-4
     rm_epochs: int = 1  # one pass over 4x the pairs beat two over a quarter (FINDINGS.md 8)
     rm_batch_tokens: int = 2048  # packed tokens per RM micro-batch (about 10 pairs)
     rs_lr: float = 3e-5
@@ -600,6 +600,32 @@ def rm_accuracy_by_instruction(records):
     return {k: {"accuracy": float(np.mean(v)), "pairs": len(v)} for k, v in sorted(by.items())}
 
 
+def rm_length_bias(records):
+    """How much the RM goes by length: on the disjoint pairs of replies of different token counts,
+    how often the RM and the gold judge (decisive pairs) prefer the shorter one, and the RM's
+    accuracy when gold's winner is the shorter or the longer reply (FINDINGS.md 11)."""
+    rm_short, gold_short, hits = [], [], {"shorter": [], "longer": []}
+    for rec in records:
+        instr = gold.find_instructions(rec["messages"][-1]["content"])
+        xs = rec["responses"]
+        for a, b in zip(xs[0::2], xs[1::2]):
+            if a["num_tokens"] == b["num_tokens"]:
+                continue
+            a_short = a["num_tokens"] < b["num_tokens"]
+            d = a["reward"] - b["reward"]
+            if d:
+                rm_short.append((d > 0) == a_short)
+            g = np.mean(gold.check(a["content"], instr)) - np.mean(gold.check(b["content"], instr))
+            if g:
+                gold_short.append((g > 0) == a_short)
+                hits["shorter" if gold_short[-1] else "longer"].append(
+                    0.5 if d == 0 else float((d > 0) == (g > 0)))
+    mean = lambda v: float(np.mean(v)) if v else float("nan")
+    return {"rm_prefers_shorter": mean(rm_short), "gold_prefers_shorter": mean(gold_short),
+            "accuracy_gold_winner": {k: {"accuracy": mean(v), "pairs": len(v)}
+                                     for k, v in hits.items()}}
+
+
 def best_of_n(mats, n_max, skip_truncated=False):
     """Gold score of the RM's pick and of the gold judge's pick among N, averaged over the disjoint
     groups of N in each prompt's pool. skip_truncated: the RM never picks a truncated response."""
@@ -677,6 +703,7 @@ def measure(cfg, r):
     res["rm_accuracy_by_instruction"] = rm_accuracy_by_instruction(
         read(r.p("heldout_start.jsonl"))
     )
+    res["rm_length_bias"] = rm_length_bias(read(r.p("heldout_start.jsonl")))
     res["rm_ties"] = {
         "adjacent_pairs_equal_reward": float(
             np.mean([np.mean(v[3][0:-1:2] == v[3][1::2]) for v in mats["start"].values()])
@@ -775,6 +802,17 @@ def table(res):
         + ".",
         "",
     ]
+    if "rm_length_bias" in res:  # results.json of runs before it lack it
+        lb = res["rm_length_bias"]
+        win = lb["accuracy_gold_winner"]
+        L += [
+            f"Length: of held-out pairs of unequal length the RM prefers the shorter reply in "
+            f"{lb['rm_prefers_shorter']:.0%}, the gold judge in {lb['gold_prefers_shorter']:.0%} "
+            f"(decisive pairs); RM accuracy where gold's winner is the shorter reply "
+            f"{win['shorter']['accuracy']:.3f} ({win['shorter']['pairs']}), the longer "
+            f"{win['longer']['accuracy']:.3f} ({win['longer']['pairs']}).",
+            "",
+        ]
     L += [
         "| N | KL bound | RM pick: score | RM pick: all met | RM pick, never truncated: score "
         "| gold pick: score | gold pick: all met |",
