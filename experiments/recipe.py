@@ -615,7 +615,7 @@ def rm_length_bias(records):
             d = a["reward"] - b["reward"]
             if d:
                 rm_short.append((d > 0) == a_short)
-            g = np.mean(gold.check(a["content"], instr)) - np.mean(gold.check(b["content"], instr))
+            g = gold.score(a["content"], instr)[0] - gold.score(b["content"], instr)[0]
             if g:
                 gold_short.append((g > 0) == a_short)
                 hits["shorter" if gold_short[-1] else "longer"].append(

@@ -76,6 +76,33 @@ def test_score_and_prompt_parsing():
     assert gold.score_prompt("Describe cats.", "Cats.") == (0.0, False)  # nothing to check
 
 
+def test_rm_length_bias():
+    """The length diagnostic on hand-made pools: disjoint adjacent pairs of unequal length only;
+    the RM's side from its rewards (ties left out), gold's from decisive pairs, and the RM's
+    accuracy split by whether gold's winner is the shorter reply. A prompt without instructions
+    has no decisive pairs (gold scores it 0 for every reply)."""
+    import recipe
+
+    def rec(prompt, *replies):  # replies: (text, tokens, reward)
+        return {"messages": [{"role": "user", "content": prompt}],
+                "responses": [{"content": c, "num_tokens": n, "reward": r} for c, n, r in replies]}
+    p = "Describe cats briefly. " + gold.render("include", "river")
+    pool = [
+        rec(p, ("Cats swim in a river.", 6, 1.0), ("Cats nap.", 3, 2.0),  # gold: longer; RM: shorter
+            ("A river cat.", 4, 0.5), ("Cats like to nap all day long.", 8, 0.0),  # both: shorter
+            ("Cats.", 2, 1.0), ("Dogs.", 2, 0.0)),  # equal length: left out
+        rec(p, ("Cats nap a lot.", 4, 3.0), ("Cats nap in the sun.", 5, 3.0)),  # gold tie, RM tie
+        rec("Describe cats briefly.", ("Cats.", 2, 1.0), ("Cats are cute.", 4, 0.0)),  # no instr.
+    ]
+    lb = recipe.rm_length_bias(pool)
+    assert lb["rm_prefers_shorter"] == pytest.approx(3 / 3)  # the tie is left out
+    assert lb["gold_prefers_shorter"] == pytest.approx(1 / 2)
+    assert lb["accuracy_gold_winner"] == {"shorter": {"accuracy": 1.0, "pairs": 1},
+                                          "longer": {"accuracy": 0.0, "pairs": 1}}
+    empty = recipe.rm_length_bias([])
+    assert empty["accuracy_gold_winner"]["longer"]["pairs"] == 0
+
+
 def test_splits_are_seeded_and_heldout_tasks_unseen():
     train, held = gold.make_splits(3, 120, 30)
     again = gold.make_splits(3, 120, 30)
