@@ -48,8 +48,8 @@ class Config:
     # the RM scoring the Xwin-Set and held-out pools: bf16 scores 3.5x faster on an avx512_bf16
     # core, rewards within 1% of their std of fp32's, the same best-of-64 picks (FINDINGS.md 8)
     rm_dtype: str = "bfloat16"
-    # 3e-5 moved the rewards by only ~0.1 in 51 steps (accuracy ~0.65); on one draw of pairs 1e-4
-    # gave 0.74 held out and 3e-4 0.80, on another 3e-4 gave 0.72 (FINDINGS.md 10-11)
+    # 3e-5 moved the rewards by only ~0.1 in 51 steps (accuracy ~0.65); held out, 1e-4 gave 0.74
+    # and 0.65 on two draws of pairs, 3e-4 0.80 and 0.72 on the same two (FINDINGS.md 10-11)
     rm_lr: float = 3e-4
     rm_epochs: int = 1  # one pass over 4x the pairs beat two over a quarter (FINDINGS.md 8)
     rm_batch_tokens: int = 2048  # packed tokens per RM micro-batch (about 10 pairs)
