@@ -556,6 +556,11 @@ def paired_p(a, b, B, rng):
     }
 
 
+def rm_hit(d, g):
+    """One pair, RM reward gap d against gold score gap g (g != 0): 1 right, 0 wrong, 0.5 tie."""
+    return 0.5 if d == 0 else float((d > 0) == (g > 0))
+
+
 def rm_accuracy(mats):
     """RM vs gold on disjoint pairs (0,1), (2,3), ... of each prompt's pool; decisive = gold
     scores differ. RM ties count half. By the strength the gold judge would give (its score
@@ -566,8 +571,7 @@ def rm_accuracy(mats):
             g = frac[i] - frac[i + 1]
             if g == 0:
                 continue
-            d = rw[i] - rw[i + 1]
-            h = 0.5 if d == 0 else float((d > 0) == (g > 0))
+            h = rm_hit(rw[i] - rw[i + 1], g)
             hits.append(h)
             by.setdefault(gold.strength_word(abs(g)), []).append(h)
             # replies cut at --max-new-tokens in the pair: 0, 1 or 2 (FINDINGS.md 9)
@@ -593,9 +597,8 @@ def rm_accuracy_by_instruction(records):
             a, b = gold.check(xs[i]["content"], instr), gold.check(xs[i + 1]["content"], instr)
             diff = [j for j in range(len(instr)) if a[j] != b[j]]
             if len(diff) == 1:
-                d = xs[i]["reward"] - xs[i + 1]["reward"]
                 by.setdefault(instr[diff[0]][0], []).append(
-                    0.5 if d == 0 else float((d > 0) == a[diff[0]])
+                    rm_hit(xs[i]["reward"] - xs[i + 1]["reward"], 1 if a[diff[0]] else -1)
                 )
     return {k: {"accuracy": float(np.mean(v)), "pairs": len(v)} for k, v in sorted(by.items())}
 
@@ -618,8 +621,7 @@ def rm_length_bias(records):
             g = gold.score(a["content"], instr)[0] - gold.score(b["content"], instr)[0]
             if g:
                 gold_short.append((g > 0) == a_short)
-                hits["shorter" if gold_short[-1] else "longer"].append(
-                    0.5 if d == 0 else float((d > 0) == (g > 0)))
+                hits["shorter" if gold_short[-1] else "longer"].append(rm_hit(d, g))
     mean = lambda v: float(np.mean(v)) if v else float("nan")
     return {"rm_prefers_shorter": mean(rm_short), "gold_prefers_shorter": mean(gold_short),
             "accuracy_gold_winner": {k: {"accuracy": mean(v), "pairs": len(v)}
@@ -700,10 +702,9 @@ def measure(cfg, r):
             "all_met": paired_p(per_prompt[a][1], per_prompt[b][1], cfg.bootstrap, rng),
         }
     res["rm_accuracy_heldout"] = rm_accuracy(mats["start"])
-    res["rm_accuracy_by_instruction"] = rm_accuracy_by_instruction(
-        read(r.p("heldout_start.jsonl"))
-    )
-    res["rm_length_bias"] = rm_length_bias(read(r.p("heldout_start.jsonl")))
+    pool = read(r.p("heldout_start.jsonl"))
+    res["rm_accuracy_by_instruction"] = rm_accuracy_by_instruction(pool)
+    res["rm_length_bias"] = rm_length_bias(pool)
     res["rm_ties"] = {
         "adjacent_pairs_equal_reward": float(
             np.mean([np.mean(v[3][0:-1:2] == v[3][1::2]) for v in mats["start"].values()])
