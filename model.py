@@ -119,14 +119,69 @@ def attention(q, k, v, cu_seqlens, max_seqlen):
         q, k, v = (t.view(n, -1, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return o.transpose(1, 2).reshape(-1, *o.shape[1:2], o.shape[-1])
-    # One SDPA per document: exact block-diagonal attention, no compute spent on a mask. Each is
-    # 4-D [1, H, t, D]: CPU's flash kernel (GQA too) takes only 4-D, else SDPA runs its math one.
+    if q.is_cpu:
+        return PackedAttention.apply(q, k, v, bounds)
+    # One SDPA per document: exact block-diagonal attention, no compute spent on a mask.
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
         oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=gqa)
         out.append(oi[0].transpose(0, 1))
     return torch.cat(out)
+
+class PackedAttention(torch.autograd.Function):
+    """attention() on CPU: one flash kernel call per document forward (4-D [1, H, t, D], the only
+    shape CPU's kernel takes; GQA too), and a backward of our own. PyTorch's CPU flash backward
+    spends ~3 ms a call at any length in bf16 (8-20x its forward): 60% of a SmolLM2 RM step's
+    attention. Ours recomputes P from the saved log-sum-exp (as flash-attn does) with q grouped by
+    kv head, [Hkv, G*t, D]: 5 bmm's a block of queries, dq/dk/dv written in place (no per-document
+    slice gradients to zero-fill and add). 2.4x faster on 20 documents of ~100 tokens, closer to
+    fp64 than SDPA's (tests/test_model.py)."""
+    block = 512  # queries a backward step: its fp32 scores are [Hq, block, <= t]
+
+    @staticmethod
+    def forward(ctx, q, k, v, bounds):  # q [T, Hq, D], k/v [T, Hkv, D], bounds: cu_seqlens
+        o, lse = torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)  # [T, Hq]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            qi, ki, vi = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+            oi, lse_i = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                qi, ki, vi, 0.0, True)
+            o[a:b], lse[a:b] = oi[0].transpose(0, 1), lse_i[0].T
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.bounds = bounds
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        (T, Hq, D), Hkv = q.shape, k.shape[1]
+        G, scale = Hq // Hkv, D ** -0.5
+        # q heads j*G .. j*G+G-1 read kv head j: laid out [Hkv, T, G, ...] once, a document's
+        # queries are then the rows (position, g) of a [Hkv, t*G, ...] view, no copy per block
+        group = lambda t: t.reshape(T, Hkv, G, -1).transpose(0, 1).contiguous()
+        qf, dog = group(q.float()), group(do)
+        stats = group(lse[..., None] / scale), group((do.float() * o.float()).sum(-1, True))
+        kf, vh = k.float().transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+        dq = torch.empty_like(qf)  # [Hkv, T, G, D]
+        dk, dv = torch.zeros_like(kf), torch.zeros_like(kf)  # fp32: summed over query blocks
+        for a, b in zip(ctx.bounds[:-1], ctx.bounds[1:]):
+            for r0 in range(a, b, PackedAttention.block):  # queries r0..r1 see keys a..r1
+                r1 = min(r0 + PackedAttention.block, b)
+                rows = lambda t: t[:, r0:r1].flatten(1, 2)  # [Hkv, (r1-r0)*G, ...]
+                lse_s, delta = (rows(t) for t in stats)
+                # P = exp(scale * (q.k - lse/scale)), recomputed in fp32 from the saved lse
+                p = torch.bmm(rows(qf), kf[:, a:r1].transpose(1, 2)).sub_(lse_s).mul_(scale)
+                p = p.exp_().view(Hkv, r1 - r0, G, r1 - a)
+                future = torch.ones(r1 - r0, r1 - a, dtype=torch.bool).triu_(r0 - a + 1)
+                p.masked_fill_(future[:, None], 0.0)
+                p = p.flatten(1, 2)
+                dv[:, a:r1] += torch.bmm(p.transpose(1, 2).to(v.dtype), rows(dog)).float()
+                dp = torch.bmm(rows(dog), vh[:, a:r1].transpose(1, 2)).float()
+                ds = p.mul_(dp.sub_(delta)).mul_(scale)  # dS = P * (dP - rowsum(P * dP))
+                dq[:, r0:r1] = torch.bmm(ds, kf[:, a:r1]).view(Hkv, r1 - r0, G, D)
+                dk[:, a:r1] += torch.bmm(ds.transpose(1, 2), rows(qf))
+        dq = dq.transpose(0, 1).reshape(T, Hq, D).to(q.dtype)
+        return dq, dk.transpose(0, 1).to(k.dtype), dv.transpose(0, 1).to(v.dtype), None
 
 class KVCache:
     """Static, preallocated (gpt-fast style). Each row has its own length, so prompts of different

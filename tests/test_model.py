@@ -55,6 +55,32 @@ def test_packed_equals_separate_and_kv_cache(tiny_vicuna):
         full = model(torch.tensor([d]))[9:]
         assert (torch.stack(steps) - full).abs().max() <= 1e-5
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_packed_attention_backward_against_fp64(monkeypatch, dtype, tol):
+    """CPU's packed attention (flash forward per document, our backward) against per-document SDPA
+    in fp64: outputs and q/k/v gradients, with GQA, a one-token document, and documents longer
+    than a backward block (block set to 7 here) so the causal mask of later blocks is exercised."""
+    monkeypatch.setattr(M.PackedAttention, "block", 7)
+    torch.manual_seed(0)
+    lens = [5, 1, 23, 9, 16]
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    T = sum(lens)
+    q, k, v = (torch.randn(T, h, 8, dtype=torch.float64) for h in (6, 2, 2))
+    g = torch.randn(T, 6, 8, dtype=torch.float64)
+    grads = []
+    for ref in (True, False):
+        x = [t.detach().to(torch.float64 if ref else dtype).requires_grad_() for t in (q, k, v)]
+        if ref:
+            o = torch.cat([F.scaled_dot_product_attention(
+                *(t[a:b].transpose(0, 1) for t in x), is_causal=True, enable_gqa=True).transpose(0, 1)
+                for a, b in zip(cu[:-1], cu[1:])])
+        else:
+            o = M.attention(*x, cu, max(lens))
+        o.backward(g.to(o.dtype))
+        grads.append([o.detach().double()] + [t.grad.double() for t in x])
+    for mine, ref in zip(*grads):
+        assert (mine - ref).norm() <= tol * ref.norm()
+
 def test_chunked_logprobs_equal_full_logits():
     """The chunked log-probs and their hand-written backward equal autograd through full logits, across
     several chunks, with ignored (-100) targets, with no target at all, and under bf16 autocast."""
