@@ -1,9 +1,10 @@
 """
 The Llama: a decoder with Hugging Face parameter names, attention (flash-attn varlen on CUDA when
-installed, PyTorch SDPA otherwise), a static KV cache with cascade attention for n samples of a
-prompt, the reward (score) head, chunked log-probs, batched generation, and checkpoints: load an HF
-folder, a Hub id or a GGUF file, save an HF folder that transformers and vLLM load. Torch only: the
-chat templates and data live in data.py, the training loop in training.py.
+installed, PyTorch SDPA otherwise; on CPU its flash kernel with a backward of our own), a static KV
+cache with cascade attention for n samples of a prompt, the reward (score) head, chunked log-probs,
+batched generation, and checkpoints: load an HF folder, a Hub id or a GGUF file, save an HF folder
+that transformers and vLLM load. Torch only: the chat templates and data live in data.py, the
+training loop in training.py.
 """
 import dataclasses, fcntl, glob, json, os, resource, shutil
 from dataclasses import dataclass

@@ -77,8 +77,8 @@ def test_packed_attention_backward_against_fp64(monkeypatch, dtype):
             x[0] = qt
         else:
             o = torch.cat([F.scaled_dot_product_attention(
-                *(t[a:b].transpose(0, 1) for t in x), is_causal=True, enable_gqa=True).transpose(0, 1)
-                for a, b in zip(cu[:-1], cu[1:])])
+                *(t[a:b].transpose(0, 1) for t in x), is_causal=True, enable_gqa=True
+            ).transpose(0, 1) for a, b in zip(cu[:-1], cu[1:])])
         o.backward(g.to(dt))
         res[name] = [o.detach().double()] + [t.grad.double() for t in x]
     for ours, sdpa, ref in zip(res["ours"], res["sdpa"], res["fp64"]):
