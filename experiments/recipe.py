@@ -35,10 +35,10 @@ class Config:
     scripts: str = os.path.dirname(HERE)  # folder holding the stage scripts (the repo root)
     model: str = ""  # start (SFT) model; default: the bundled SmolLM2-135M-Instruct GGUF
     seed: int = 0  # prompts and everything downstream
-    # train prompts sampled twice and judged (Xwin-Pair); the RM is data-limited (FINDINGS.md 8):
-    # 640 (278 decisive pairs) gave held-out accuracy 0.64, 2560 (1186) 0.71; 0.74 with every
-    # reward read at a closing EOS (FINDINGS.md 9)
-    rm_prompts: int = 2560
+    # train prompts sampled twice and judged (Xwin-Pair); the RM is data-limited (FINDINGS.md 8,
+    # 12): held-out accuracy 0.72 at 2560 (1142 decisive pairs), 0.83 at 4096 (1850, a 37-min
+    # chain here), 0.89 at 5120 (2306, 48 min)
+    rm_prompts: int = 4096
     set_prompts: int = 64  # other train prompts sampled n_set times (Xwin-Set) for RS and DPO
     heldout: int = 40  # held-out prompts (their topics never occur in training)
     n_set: int = 64  # responses per Xwin-Set prompt (also the held-out best-of-N pool)
