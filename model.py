@@ -121,9 +121,11 @@ def attention(q, k, v, cu_seqlens, max_seqlen):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         return o.transpose(1, 2).reshape(-1, *o.shape[1:2], o.shape[-1])
     if q.is_cpu:  # the kernel is called directly, without SDPA's checks: those it needs here
-        if bounds[0] != 0 or bounds[-1] != len(q) or q.shape[1] % k.shape[1]:
-            raise ValueError(f"cu_seqlens {bounds[0]}..{bounds[-1]} over {len(q)} tokens, "
-                             f"{q.shape[1]} query heads over {k.shape[1]} kv heads")
+        if bounds[0] != 0 or bounds[-1] != len(q) or any(map(int.__gt__, bounds, bounds[1:])) \
+                or len(k) != len(q) or q.shape[1] % k.shape[1]:
+            raise ValueError(f"cu_seqlens {bounds[0]}..{bounds[-1]} over {len(q)} tokens (must "
+                             f"rise from 0 to all of them, k/v as long), {q.shape[1]} query heads "
+                             f"over {k.shape[1]} kv heads")
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         return PackedAttention.apply(q, k, v, bounds)
     # One SDPA per document: exact block-diagonal attention, no compute spent on a mask.
@@ -140,8 +142,8 @@ class PackedAttention(torch.autograd.Function):
     spends ~3 ms a call at any length in bf16 (8-20x its forward): 60% of a SmolLM2 RM step's
     attention. Ours recomputes P from the saved log-sum-exp (as flash-attn does) with q grouped by
     kv head, [Hkv, G*t, D]: 5 bmm's a block of queries, dq/dk/dv written in place (no per-document
-    slice gradients to zero-fill and add). 2.4x faster on 20 documents of ~100 tokens, as close
-    to fp64 as SDPA's (tests/test_model.py). Math in fp32 (fp64 for fp64 inputs)."""
+    slice gradients to zero-fill and add). 2.4x faster on 20 documents of ~100 tokens, about as
+    close to fp64 as SDPA's (tests/test_model.py). Math in fp32 (fp64 for fp64 inputs)."""
     block = 512  # queries a backward step: its fp32 scores are [Hq, block, <= t]
 
     @staticmethod
