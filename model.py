@@ -6,7 +6,7 @@ batched generation, and checkpoints: load an HF folder, a Hub id or a GGUF file,
 that transformers and vLLM load. Torch only: the chat templates and data live in data.py, the
 training loop in training.py.
 """
-import dataclasses, fcntl, glob, json, os, resource, shutil
+import dataclasses, fcntl, glob, json, math, os, resource, shutil
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
@@ -274,35 +274,43 @@ class Attention(nn.Module):
         return self.o_proj(o.reshape(B, t, -1))
 
 def cascade_attention(q, cache, layer, S, mask):
-    """Attention of q [B, t, Hq, D] over the shared prompt keys (cache.prefix) then each row's own
-    keys (mask [B, t, S]), in one softmax. Each prompt's keys meet the queries of all its rows in
-    one matmul: the rows are scattered into a [prompts, width] grid for it. Scores in the cache
-    dtype, softmax in fp32 (as HF eager attention); query head h uses key head h // (Hq / Hkv)."""
+    """Attention of q [B, t, Hq, D] over the shared prompt keys (cache.prefix) and each row's own
+    keys (mask [B, t, S]), as one softmax: two attention calls, each giving its output and log-sum-exp,
+    merged by their weights (as Hydragen / FlashInfer's cascade). Each prompt's keys meet the
+    queries of all its rows in one call: the rows are scattered into a [prompts, width] grid for
+    it. The queries that share a key head (Hq / Hkv heads x t tokens) go in as one sequence."""
     B, t, Hq, D = q.shape
     pre, P, Sp, W = cache.prefix, cache.prefix.k.shape[1], cache.prefix.used, cache.width
-    pk, pv = pre.k[layer][:, :, :Sp], pre.v[layer][:, :, :Sp]
-    k, v = cache.k[layer][:, :, :S], cache.v[layer][:, :, :S]
-    Hkv = k.shape[1]
-    G = Hq // Hkv * t  # the queries that share a key head: Hq / Hkv heads x t tokens
-    q = (q * D ** -0.5).transpose(1, 2).reshape(B, Hkv, G, D)
-    # Scores against the prompt keys: the rows scattered into the grid, one matmul per prompt
+    Hkv = pre.k.shape[2]
+    G = Hq // Hkv * t
+    q = q.transpose(1, 2).reshape(B, Hkv, G, D)
     grid = q.new_zeros(P, Hkv, W, G, D)
     grid[cache.prompt, :, cache.slot] = q
-    s_pre = (grid.view(P, Hkv, -1, D) @ pk.transpose(-1, -2)).view(P, Hkv, W, G, Sp)
-    s_pre = s_pre[cache.prompt, :, cache.slot]
-    # What each query sees: its prompt's filled keys, then its own row's past (mask)
-    seen_pre = torch.arange(Sp, device=q.device) < pre.lengths[cache.prompt][:, None]  # [B, Sp]
-    seen_own = mask[:, None, None].expand(B, 1, G // t, t, S).reshape(B, 1, G, S)
-    seen = torch.cat([seen_pre[:, None, None].expand(B, 1, G, Sp), seen_own], -1)
-    # One softmax over prompt and own keys together
-    s = torch.cat([s_pre, q @ k.transpose(-1, -2)], -1).float()
-    p = s.masked_fill(~seen, float("-inf")).softmax(-1).to(q.dtype)
-    # Values: the own part directly, the prompt part through the grid again
-    o = p[..., Sp:] @ v
-    grid = p.new_zeros(P, Hkv, W, G, Sp)
-    grid[cache.prompt, :, cache.slot] = p[..., :Sp]
-    o = o + (grid.view(P, Hkv, -1, Sp) @ pv).view(P, Hkv, W, G, D)[cache.prompt, :, cache.slot]
-    return o.view(B, Hq, t, D).transpose(1, 2)
+    seen = torch.arange(Sp, device=q.device) < pre.lengths[:, None, None, None]  # [P, 1, 1, Sp]
+    o1, l1 = attend(grid.view(P, Hkv, W * G, D), pre.k[layer][:, :, :Sp],
+                    pre.v[layer][:, :, :Sp], seen)
+    o1 = o1.view(P, Hkv, W, G, D)[cache.prompt, :, cache.slot]
+    l1 = l1.view(P, Hkv, W, G)[cache.prompt, :, cache.slot]
+    seen = mask[:, None, None].expand(B, 1, G // t, t, S).reshape(B, 1, G, S)  # own past only
+    o2, l2 = attend(q, cache.k[layer][:, :, :S], cache.v[layer][:, :, :S], seen)
+    lse = torch.logaddexp(l1, l2)  # fp32: each part weighted by its share of the softmax's mass
+    o = o1 * (l1 - lse).exp_()[..., None] + o2 * (l2 - lse).exp_()[..., None]
+    return o.to(q.dtype).view(B, Hq, t, D).transpose(1, 2)
+
+cpu_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # tests set it to None
+
+def attend(q, k, v, seen):
+    """Softmax attention of q [B, H, Lq, D] over k/v [B, H, Lk, D] where `seen` (broadcast to
+    [B, H, Lq, Lk]) allows: (output, its log-sum-exp [B, H, Lq] in fp32). On CPU SDPA's fused
+    kernel, which takes strided views as they are (a matmul would copy them) and returns the lse;
+    elsewhere the same in plain ops (every row must see at least one key)."""
+    if q.is_cpu and cpu_kernel is not None:
+        bias = None if seen.all() else \
+            torch.zeros(seen.shape, dtype=q.dtype).masked_fill_(~seen, -math.inf)
+        return cpu_kernel(q, k, v, 0.0, False, attn_mask=bias)
+    s = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5).masked_fill_(~seen, -math.inf)
+    lse = s.logsumexp(-1)
+    return s.sub_(lse[..., None]).exp_().to(q.dtype) @ v, lse
 
 class MLP(nn.Module):
     def __init__(self, cfg):
@@ -573,6 +581,12 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
     exponential per vocab entry: on CPU more than a whole model step; a full sort, more still."""
     if temperature <= 0:
         return logits.argmax(-1)
+    if u is None:
+        u = torch.rand(len(logits), generator=generator, device=logits.device)
+    if logits.is_cpu and len(logits) > 64:  # in blocks of rows: [512, 49k] fp32 temporaries took 3x
+        # as long (their fresh pages faulted in every step); a block's come from the heap again
+        return torch.cat([sample_next(logits[i:i + 64], temperature, top_p, top_k, u=u[i:i + 64])
+                          for i in range(0, len(logits), 64)])
     probs = logits.to(torch.float32, copy=True).div_(temperature)  # in place from here on
     V = probs.shape[-1]
     if top_k and top_k < V:
@@ -590,7 +604,6 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
     # Inverse CDF: the first index whose cdf exceeds x (< total): never past the end, never 0-mass
     cdf = probs.cumsum_(-1)
     total = cdf[:, -1:]
-    u = torch.rand(len(cdf), generator=generator, device=cdf.device) if u is None else u
     x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 

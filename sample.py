@@ -59,7 +59,7 @@ class Config:
     rm_dtype: str = "float32"  # reward model: float32 (exact: transformers' fp32 scores) or
         # bfloat16 (3.5x faster scoring on an avx512_bf16 CPU core, more on GPUs; rewards within
         # ~1% of their std of fp32's; its head reads them in fp32 either way)
-    batch_tokens: int = 65536  # prompts x n x (prompt + max new tokens) per batch
+    batch_tokens: int = 65536  # KV-cache tokens per batch (a prompt once, n x max new tokens)
     limit: int = 0  # only the first N prompts (0: all)
     seed: int = 1337  # base of the per-prompt seeds
     device: str = "auto"  # cpu, cuda, or auto
@@ -123,10 +123,13 @@ def rng_of(cfg, device, rid, round=0):
     return s if cfg.engine == "vllm" else torch.Generator(device).manual_seed(s)
 
 def batches(items, cfg):
-    """Consecutive prompts while n x (prompt + max new tokens) fits --batch-tokens (one always)."""
+    """Consecutive prompts while their KV cache fits --batch-tokens (one always): a prompt's n
+    samples share its keys (cascade attention), so prompt + n x max new tokens each; n x (prompt +
+    max new tokens) where every sample holds its prompt (n = 1, --compile)."""
     cur, size = [], 0
+    shared = cfg.n > 1 and not cfg.compile
     for it in items:
-        cost = cfg.n * (len(it["ids"]) + cfg.max_new_tokens)
+        cost = (1 if shared else cfg.n) * len(it["ids"]) + cfg.n * cfg.max_new_tokens
         if cur and size + cost > cfg.batch_tokens:
             yield cur
             cur, size = [], 0

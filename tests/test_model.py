@@ -93,6 +93,41 @@ def test_packed_attention_checks_its_input():
     with pytest.raises(ValueError, match="cu_seqlens"):  # decreasing: the kernel would SIGFPE
         M.attention(q, k[:, :2], k[:, :2], torch.tensor([0, 8, 4, 12]), 8)
 
+@pytest.mark.parametrize("kernel", [True, False])  # CPU's fused kernel, and the plain ops (GPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cascade_attention_equals_attention_over_prompt_and_own_keys(monkeypatch, kernel, dtype):
+    """Prompts of different lengths, uneven rows per prompt (the grid has holes), own pasts of
+    different lengths and t = 2 new tokens (causal within them): against SDPA over each row's
+    prompt keys followed by its own, computed in fp64."""
+    if not kernel:
+        monkeypatch.setattr(M, "cpu_kernel", None)
+    cfg = M.LlamaConfig(**TINY, vocab_size=32)
+    Hq, Hkv, D_, t = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 2
+    torch.manual_seed(0)
+    prompt = torch.tensor([0, 0, 0, 1, 2, 2])  # 3 prompts: 3, 1 and 2 rows
+    P, B = 3, len(prompt)
+    pre = M.KVCache(cfg, P, 9, "cpu", dtype)
+    pre.k.normal_(), pre.v.normal_()
+    pre.lengths, pre.used = torch.tensor([9, 4, 6]), 9
+    cache = M.KVCache(cfg, B, 8, "cpu", dtype, prefix=pre, prompt=prompt)
+    cache.k.normal_(), cache.v.normal_()
+    cache.lengths = torch.tensor([3, 1, 0, 5, 2, 4])  # own tokens before the t new ones
+    cache.used = 5
+    S = cache.used + t
+    pos = cache.lengths[:, None] + torch.arange(t)
+    mask = torch.arange(S) <= pos[:, :, None]
+    q = torch.randn(B, t, Hq, D_).to(dtype)
+    got = M.cascade_attention(q, cache, 1, S, mask)
+    for b in range(B):
+        p, n = int(prompt[b]), int(cache.lengths[b]) + t
+        k = torch.cat([pre.k[1, p, :, :int(pre.lengths[p])], cache.k[1, b, :, :n]], 1).double()
+        v = torch.cat([pre.v[1, p, :, :int(pre.lengths[p])], cache.v[1, b, :, :n]], 1).double()
+        seen = torch.cat([torch.ones(t, k.shape[1] - n, dtype=torch.bool), mask[b, :, :n]], 1)
+        ref = F.scaled_dot_product_attention(q[b].transpose(0, 1).double(), k, v, attn_mask=seen,
+                                             enable_gqa=True).transpose(0, 1)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        assert (got[b].double() - ref).abs().max() <= tol, (b, (got[b].double() - ref).abs().max())
+
 def test_chunked_logprobs_equal_full_logits():
     """The chunked log-probs and their hand-written backward equal autograd through full logits, across
     several chunks, with ignored (-100) targets, with no target at all, and under bf16 autocast."""

@@ -305,3 +305,13 @@ def test_alpaca_eval_files(tmp_path, tiny_chatml):
     cfg = annotate.AnnotateConfig()
     a, b = annotate.read_pairs(cfg, [data], 1), annotate.read_pairs(cfg, [ours], 1)
     assert sorted(a) == sorted(b) and len(a) == 2
+
+def test_batches_count_the_kv_cache_they_hold():
+    """A prompt's n samples share its keys (prompt + n x max new), unless each holds it (n = 1,
+    --compile: n x (prompt + max new)); a prompt bigger than the budget still gets a batch."""
+    items = [{"id": str(i), "ids": [0] * 100} for i in range(5)]
+    sizes = lambda **kw: [len(b) for b in sample.batches(items, sample.Config(**kw))]
+    assert sizes(n=4, max_new_tokens=50, batch_tokens=600) == [2, 2, 1]  # 300 each
+    assert sizes(n=4, max_new_tokens=50, batch_tokens=600, compile=True) == [1] * 5  # 600 each
+    assert sizes(n=1, max_new_tokens=50, batch_tokens=300) == [2, 2, 1]  # 150 each
+    assert sizes(n=4, max_new_tokens=50, batch_tokens=10) == [1] * 5
