@@ -293,21 +293,24 @@ def cascade_attention(q, cache, layer, S, mask):
     l1 = l1.view(P, Hkv, W, G)[cache.prompt, :, cache.slot]
     seen = mask[:, None, None].expand(B, 1, G // t, t, S).reshape(B, 1, G, S)  # own past only
     o2, l2 = attend(q, cache.k[layer][:, :, :S], cache.v[layer][:, :, :S], seen)
-    lse = torch.logaddexp(l1, l2)  # fp32: each part weighted by its share of the softmax's mass
-    o = o1 * (l1 - lse).exp_()[..., None] + o2 * (l2 - lse).exp_()[..., None]
-    return o.to(q.dtype).view(B, Hq, t, D).transpose(1, 2)
+    # each part weighted by its share of the softmax's mass: exp(l1) / (exp(l1) + exp(l2))
+    o = torch.lerp(o2, o1, torch.sigmoid(l1 - l2).to(q.dtype)[..., None])
+    return o.view(B, Hq, t, D).transpose(1, 2)
 
 cpu_kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # tests set it to None
 
 def attend(q, k, v, seen):
     """Softmax attention of q [B, H, Lq, D] over k/v [B, H, Lk, D] where `seen` (broadcast to
-    [B, H, Lq, Lk]) allows: (output, its log-sum-exp [B, H, Lq] in fp32). On CPU SDPA's fused
-    kernel, which takes strided views as they are (a matmul would copy them) and returns the lse;
-    elsewhere the same in plain ops (every row must see at least one key)."""
-    if q.is_cpu and cpu_kernel is not None:
+    [B, H, Lq, Lk]) allows: (output, its log-sum-exp [B, H, Lq] in fp32). On CPU with 16+ queries
+    a head (a prompt's keys, met by all its rows) SDPA's fused kernel, which takes strided views
+    as they are and returns the lse; with fewer (a row's own keys: 3 queries a head, one step on
+    SmolLM2) its fixed cost per head dominates, and contiguous copies through batched matmuls
+    took half the time. Elsewhere the same in plain ops. Every query must see a key."""
+    if q.is_cpu and cpu_kernel is not None and q.shape[2] >= 16:
         bias = None if seen.all() else \
             torch.zeros(seen.shape, dtype=q.dtype).masked_fill_(~seen, -math.inf)
         return cpu_kernel(q, k, v, 0.0, False, attn_mask=bias)
+    k, v = k.contiguous(), v.contiguous()  # else bmm copies k transposed: 5x slower
     s = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5).masked_fill_(~seen, -math.inf)
     lse = s.logsumexp(-1)
     return s.sub_(lse[..., None]).exp_().to(q.dtype) @ v, lse
@@ -378,9 +381,10 @@ class Llama(nn.Module):
         return super().train(mode)
 
     def logits(self, x):
-        if isinstance(getattr(self, "lm_head", None), Int8Linear):  # also a tied head's int8 copy
-            return self.lm_head(x)
-        return F.linear(x, self.head_weight())
+        if isinstance(getattr(self, "lm_head", None), Int8Linear) and not (
+                self.cfg.tie_word_embeddings and x.numel() > 16 * x.shape[-1]):
+            return self.lm_head(x)  # a tied head's int8 copy serves decoding's few rows; many
+        return F.linear(x, self.head_weight())  # take the float embedding (no 49k-row dequant)
 
     def decode(self, tok, cache):
         """One decoding step, self(tok, cache=cache) for tok [B, 1]: eager, or through the step
@@ -506,7 +510,8 @@ class Int8Linear(nn.Module):
     scale) in [-127, 127], scale = max |w| of the row / 127 (symmetric). The scales are bf16 (the
     kernel's dtype) and q is rounded against the bf16 scale. A quarter of fp32's bytes to read a
     step, which is what batch-1 decoding waits on. acts=True (the LM head) quantizes the activations
-    too, per row on the fly (symmetric, max |x| / 127), and multiplies int8 by int8 on CPU."""
+    too, per row on the fly (symmetric, max |x| / 127), and multiplies int8 by int8 on CPU when
+    there are few rows (decoding)."""
     def __init__(self, weight, acts=False):
         super().__init__()
         w = weight.detach().float()
@@ -518,7 +523,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if self.acts and x.device.type == "cpu":
+        if self.acts and x.device.type == "cpu" and rows <= 16:
             # int8 x int8 -> int32 dot products (VNNI on x86; llama.cpp also rounds activations
             # to 8 bits, per block of 32): on the 49k-row head well ahead of the weight-only
             # kernel. On every layer (w8a8) it was no faster (its extra ops) and 8x the KL.
@@ -535,10 +540,12 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight,
                                           self.scale)
             return y.view(*x.shape[:-1], -1).to(x.dtype)
-        # Many rows (prefill, big batches) or CUDA (no such kernel there): dequantize, then a
-        # float matmul; at 64+ rows on CPU this beats the int8 kernel ~2x (it is a GEMV at heart),
-        # and under torch.compile the dequantization fuses into the matmul's load.
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        # Many rows (prefill, sampling n samples a prompt) or CUDA (no such kernels there):
+        # dequantize, then a float matmul; at 64+ rows on CPU this beats the int8 kernel ~2x (it
+        # is a GEMV at heart) and the head's int8 x int8 3x (converting its [rows, 49k] int32
+        # output costs more than the matmul); under torch.compile the dequantization fuses into
+        # the matmul's load.
+        return F.linear(x, self.weight.to(x.dtype)).mul_(self.scale.to(x.dtype))
 
 def quantize_int8(model):
     """Replace every nn.Linear of `model` (a Llama, in place) by an Int8Linear, and the LM head

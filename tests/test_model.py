@@ -104,14 +104,15 @@ def test_cascade_attention_equals_attention_over_prompt_and_own_keys(monkeypatch
     cfg = M.LlamaConfig(**TINY, vocab_size=32)
     Hq, Hkv, D_, t = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 2
     torch.manual_seed(0)
-    prompt = torch.tensor([0, 0, 0, 1, 2, 2])  # 3 prompts: 3, 1 and 2 rows
+    prompt = torch.tensor([0, 0, 0, 0, 0, 1, 2, 2])  # 3 prompts: 5, 1 and 2 rows: 20 queries
+    # a head on prompt 0's keys (CPU's kernel takes 16+), 4 on the others and on a row's own
     P, B = 3, len(prompt)
     pre = M.KVCache(cfg, P, 9, "cpu", dtype)
     pre.k.normal_(), pre.v.normal_()
     pre.lengths, pre.used = torch.tensor([9, 4, 6]), 9
     cache = M.KVCache(cfg, B, 8, "cpu", dtype, prefix=pre, prompt=prompt)
     cache.k.normal_(), cache.v.normal_()
-    cache.lengths = torch.tensor([3, 1, 0, 5, 2, 4])  # own tokens before the t new ones
+    cache.lengths = torch.tensor([3, 1, 0, 5, 2, 4, 1, 2])  # own tokens before the t new ones
     cache.used = 5
     S = cache.used + t
     pos = cache.lengths[:, None] + torch.arange(t)
