@@ -275,8 +275,8 @@ class Attention(nn.Module):
 
 def cascade_attention(q, cache, layer, S, mask):
     """Attention of q [B, t, Hq, D] over the shared prompt keys (cache.prefix) and each row's own
-    keys (mask [B, t, S]), as one softmax: two attention calls, each giving its output and log-sum-exp,
-    merged by their weights (as Hydragen / FlashInfer's cascade). Each prompt's keys meet the
+    keys (mask [B, t, S]), as one softmax: two attention calls, each giving its output and its
+    log-sum-exp, merged by their weights (as Hydragen / FlashInfer's cascade). Each prompt's keys meet the
     queries of all its rows in one call: the rows are scattered into a [prompts, width] grid for
     it. The queries that share a key head (Hq / Hkv heads x t tokens) go in as one sequence."""
     B, t, Hq, D = q.shape
@@ -310,8 +310,9 @@ def attend(q, k, v, seen):
         bias = None if seen.all() else \
             torch.zeros(seen.shape, dtype=q.dtype).masked_fill_(~seen, -math.inf)
         return cpu_kernel(q, k, v, 0.0, False, attn_mask=bias)
-    k, v = k.contiguous(), v.contiguous()  # else bmm copies k transposed: 5x slower
-    s = (q @ k.transpose(-1, -2)).float().mul_(q.shape[-1] ** -0.5).masked_fill_(~seen, -math.inf)
+    if q.is_cpu:  # else CPU's bmm copies k transposed: 5x slower
+        k, v = k.contiguous(), v.contiguous()
+    s = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).float().masked_fill_(~seen, -math.inf)
     lse = s.logsumexp(-1)
     return s.sub_(lse[..., None]).exp_().to(q.dtype) @ v, lse
 
@@ -551,9 +552,11 @@ def quantize_int8(model):
     """Replace every nn.Linear of `model` (a Llama, in place) by an Int8Linear, and the LM head
     too (a tied head gets its own int8 copy; the embedding lookup stays float). The reward head
     (score: one output) stays float, as rewards are read in fp32. Inference only: model.train()
-    refuses the result. Seconds for a 135M model. On CPU the LM head takes int8 activations too:
-    torch's weight-only kernel is slow on its 49k rows (half of an int8 step's matmul time for a
-    fifth of the weights on SmolLM2: 21 -> 17 ms a step), for ~0.004 nats more KL to fp32."""
+    refuses the result. Seconds for a 135M model. On CPU, decoding up to 16 rows, the LM head
+    takes int8 activations too: torch's weight-only kernel is slow on its 49k rows (half of an
+    int8 step's matmul time for a fifth of the weights on SmolLM2: 21 -> 17 ms a step), for ~0.004
+    nats more KL to fp32. With more rows the layers dequantize (Int8Linear) and a tied head
+    takes the float embedding."""
     for name, m in list(model.named_modules()):
         for child, sub in list(m.named_children()):
             if isinstance(sub, nn.Linear) and sub.out_features > 1:
@@ -671,6 +674,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
     cfg, dev, dtype = model.cfg, model.device, model.dtype
     limit = max_len or cfg.max_position_embeddings
     budgets = [min(m, limit - len(p)) for p, m in zip(prompts, maxes)]
+    if not min(map(len, prompts)):  # the first token is read at the prompt's last one
+        raise ValueError("an empty prompt: generation needs at least one token (e.g. BOS)")
     if min(budgets) < 1:
         raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room to generate "
                          f"(max_len {limit})")

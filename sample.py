@@ -66,7 +66,8 @@ class Config:
     dtype: str = "auto"  # float32 or bfloat16 (auto: bfloat16 on CUDA and on native-bf16 CPUs)
     engine: str = "ours"  # ours, or vllm (when installed: a GPU engine, one process; same records)
     quantize: str = ""  # int8: int8-weight policy and reward model (inference only); at batch
-        # 1-16 rows faster, at n = 64 about bf16's speed on CPU (batched matmuls are compute-bound)
+        # 1-16 rows faster; at n = 64 ~15% slower than bf16 on CPU (compute-bound: each matmul
+        # dequantizes its weights)
     compile: bool = False  # torch.compile the decode step (ours; needs a C++ compiler): samples
         # then hold their prompt's keys (no cascade); compiles once (minutes on a small CPU)
     category_temperature: str = ""  # MT-bench questions: CATEGORY=T,... over MT-bench's own
@@ -122,15 +123,16 @@ def rng_of(cfg, device, rid, round=0):
     s = seed_of(cfg.seed, rid if round == 0 else f"{rid}/{round}")
     return s if cfg.engine == "vllm" else torch.Generator(device).manual_seed(s)
 
-def batches(items, cfg):
+def batches(items, cfg, max_rows=1024):
     """Consecutive prompts while their KV cache fits --batch-tokens (one always): a prompt's n
     samples share its keys (cascade attention), so prompt + n x max new tokens each; n x (prompt +
-    max new tokens) where every sample holds its prompt (n = 1, --compile)."""
+    max new tokens) where every sample holds its prompt (n = 1, --compile). At most max_rows
+    samples (n at least): each step holds [rows, vocab] logits, which the budget does not count."""
     cur, size = [], 0
     shared = cfg.n > 1 and not cfg.compile
     for it in items:
         cost = (1 if shared else cfg.n) * len(it["ids"]) + cfg.n * cfg.max_new_tokens
-        if cur and size + cost > cfg.batch_tokens:
+        if cur and (size + cost > cfg.batch_tokens or (len(cur) + 1) * cfg.n > max_rows):
             yield cur
             cur, size = [], 0
         cur.append(it)

@@ -75,7 +75,7 @@ def run_ours(cfg, path, prompts, eos, dtype):
     if "compile" in cfg.child:  # compiled by the warm-up below, outside the timing
         M.compile_decode(model)
     c = sample.Config(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                      batch_tokens=cfg.batch_tokens, seed=cfg.seed)
+                      batch_tokens=cfg.batch_tokens, seed=cfg.seed, compile="compile" in cfg.child)
     sample.sample_ours(model, tok, eos, dataclasses.replace(c, max_new_tokens=2), [prompts[0]], 2, [None])  # warm up
     t0, c0, counts = time.time(), time.process_time(), []
     items = [{"id": str(i), "ids": p} for i, p in enumerate(prompts)]

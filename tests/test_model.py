@@ -104,8 +104,8 @@ def test_cascade_attention_equals_attention_over_prompt_and_own_keys(monkeypatch
     cfg = M.LlamaConfig(**TINY, vocab_size=32)
     Hq, Hkv, D_, t = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 2
     torch.manual_seed(0)
-    prompt = torch.tensor([0, 0, 0, 0, 0, 1, 2, 2])  # 3 prompts: 5, 1 and 2 rows: 20 queries
-    # a head on prompt 0's keys (CPU's kernel takes 16+), 4 on the others and on a row's own
+    prompt = torch.tensor([0, 0, 0, 0, 0, 1, 2, 2])  # 3 prompts: 5, 1 and 2 rows: a grid of width
+    # 5, 20 queries a head on the prompt keys (CPU's kernel takes 16+), 4 on a row's own (matmuls)
     P, B = 3, len(prompt)
     pre = M.KVCache(cfg, P, 9, "cpu", dtype)
     pre.k.normal_(), pre.v.normal_()
@@ -241,6 +241,14 @@ def test_prefill_groups_pad_and_match_one_prompt_at_a_time(tiny_vicuna):
         alone = model(torch.tensor([p]), cache=one)[0]
         torch.testing.assert_close(batch[j], alone, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(some.k[:, j, :, :len(p)], one.k[:, 0], rtol=1e-4, atol=1e-5)
+
+def test_empty_prompt_is_an_error(tiny_vicuna):
+    """The first token is read at a prompt's last one: an empty prompt has none (with n > 1 the
+    cascade's softmax over no prompt keys would give NaN)."""
+    model, _, _ = M.load_model(tiny_vicuna)
+    for n in (1, 2):
+        with pytest.raises(ValueError, match="empty prompt"):
+            M.generate(model, [[], [1, 5, 6]], n=n, max_new_tokens=2)
 
 def test_top_k_top_p_filter():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])
