@@ -276,9 +276,10 @@ class Attention(nn.Module):
 def cascade_attention(q, cache, layer, S, mask):
     """Attention of q [B, t, Hq, D] over the shared prompt keys (cache.prefix) and each row's own
     keys (mask [B, t, S]), as one softmax: two attention calls, each giving its output and its
-    log-sum-exp, merged by their weights (as Hydragen / FlashInfer's cascade). Each prompt's keys meet the
-    queries of all its rows in one call: the rows are scattered into a [prompts, width] grid for
-    it. The queries that share a key head (Hq / Hkv heads x t tokens) go in as one sequence."""
+    log-sum-exp, merged by their weights (as Hydragen / FlashInfer's cascade). Each prompt's keys
+    meet the queries of all its rows in one call: the rows are scattered into a [prompts, width]
+    grid for it. The queries that share a key head (Hq / Hkv heads x t tokens) go in as one
+    sequence."""
     B, t, Hq, D = q.shape
     pre, P, Sp, W = cache.prefix, cache.prefix.k.shape[1], cache.prefix.used, cache.width
     Hkv = pre.k.shape[2]
