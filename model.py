@@ -384,7 +384,7 @@ class Llama(nn.Module):
 
     def logits(self, x):
         if isinstance(getattr(self, "lm_head", None), Int8Linear) and not (
-                self.cfg.tie_word_embeddings and x.numel() > 16 * x.shape[-1]):
+                self.cfg.tie_word_embeddings and x.numel() > Int8Linear.few * x.shape[-1]):
             return self.lm_head(x)  # a tied head's int8 copy serves decoding's few rows; many
         return F.linear(x, self.head_weight())  # take the float embedding (no 49k-row dequant)
 
@@ -514,6 +514,8 @@ class Int8Linear(nn.Module):
     step, which is what batch-1 decoding waits on. acts=True (the LM head) quantizes the activations
     too, per row on the fly (symmetric, max |x| / 127), and multiplies int8 by int8 on CPU when
     there are few rows (decoding)."""
+    few = 16  # rows up to which CPU decoding takes the int8 kernels; more dequantize
+
     def __init__(self, weight, acts=False):
         super().__init__()
         w = weight.detach().float()
@@ -525,7 +527,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if self.acts and x.device.type == "cpu" and rows <= 16:
+        if self.acts and x.device.type == "cpu" and rows <= self.few:
             # int8 x int8 -> int32 dot products (VNNI on x86; llama.cpp also rounds activations
             # to 8 bits, per block of 32): on the 49k-row head well ahead of the weight-only
             # kernel. On every layer (w8a8) it was no faster (its extra ops) and 8x the KL.
@@ -534,7 +536,7 @@ class Int8Linear(nn.Module):
             y = torch._int_mm((x2 / sx).round_().to(torch.int8), self.weight.t())
             y = (y * sx).mul_(self.scale.float())  # no [rows, out] temporary for the scales
             return y.view(*x.shape[:-1], -1).to(x.dtype)
-        if x.device.type == "cpu" and rows <= 16 and x.shape[-1] % 16 == 0:
+        if x.device.type == "cpu" and rows <= self.few and x.shape[-1] % 16 == 0:
             # torch's weight-only int8 kernel, in bf16: at 1 row 2-4x faster than a bf16 or fp32
             # linear, at 8-16 rows even with bf16 and ahead of fp32 (measured on AVX-512). With
             # fp32 activations it takes a slow generic path (~20x slower): they pass through bf16.
@@ -618,6 +620,11 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
     x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
+def shares_prompt(n, compiled):
+    """Whether generate keeps a prompt's keys once for its n samples (cascade attention): not
+    for one sample, nor for a compiled step (its rows hold their prompt each)."""
+    return n > 1 and not compiled
+
 def check_sampling(n, temperature, top_p, top_k):
     """Out-of-range sampling parameters: a clear error here, not an index error in sample_next."""
     if not isinstance(n, int) or n < 1:
@@ -685,7 +692,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
     # Caches. n > 1: the prompts in `prefix`, each row's own tokens in `cache` (cascade attention).
     # n == 1 (chat) shares nothing: plain rows holding prompt and reply, a third fewer ops a step.
     # A compiled step (compile_decode) takes plain rows only: each sample then holds its prompt.
-    shared = n > 1 and getattr(model, "compiled_step", None) is None
+    shared = shares_prompt(n, getattr(model, "compiled_step", None) is not None)
     if shared:
         prefix = KVCache(cfg, P, max(map(len, prompts)), dev, dtype)
     else:

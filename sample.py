@@ -129,7 +129,7 @@ def batches(items, cfg, max_rows=1024):
     max new tokens) where every sample holds its prompt (n = 1, --compile). At most max_rows
     samples (n at least): each step holds [rows, vocab] logits, which the budget does not count."""
     cur, size = [], 0
-    shared = cfg.n > 1 and not cfg.compile
+    shared = M.shares_prompt(cfg.n, cfg.compile)
     for it in items:
         cost = (1 if shared else cfg.n) * len(it["ids"]) + cfg.n * cfg.max_new_tokens
         if cur and (size + cost > cfg.batch_tokens or (len(cur) + 1) * cfg.n > max_rows):
