@@ -558,8 +558,8 @@ def quantize_int8(model):
     refuses the result. Seconds for a 135M model. On CPU, decoding up to 16 rows, the LM head
     takes int8 activations too: torch's weight-only kernel is slow on its 49k rows (half of an
     int8 step's matmul time for a fifth of the weights on SmolLM2: 21 -> 17 ms a step), for ~0.004
-    nats more KL to fp32. With more rows the layers dequantize (Int8Linear) and a tied head
-    takes the float embedding."""
+    nats more KL to fp32. With more rows the layers and an untied head dequantize (Int8Linear),
+    and a tied head takes the float embedding."""
     for name, m in list(model.named_modules()):
         for child, sub in list(m.named_children()):
             if isinstance(sub, nn.Linear) and sub.out_features > 1:

@@ -59,7 +59,7 @@ class Config:
     rm_dtype: str = "float32"  # reward model: float32 (exact: transformers' fp32 scores) or
         # bfloat16 (3.5x faster scoring on an avx512_bf16 CPU core, more on GPUs; rewards within
         # ~1% of their std of fp32's; its head reads them in fp32 either way)
-    batch_tokens: int = 65536  # KV-cache tokens per batch (a prompt once, n x max new tokens)
+    batch_tokens: int = 65536  # KV-cache tokens per batch (see batches: padding counted)
     limit: int = 0  # only the first N prompts (0: all)
     seed: int = 1337  # base of the per-prompt seeds
     device: str = "auto"  # cpu, cuda, or auto
@@ -124,19 +124,21 @@ def rng_of(cfg, device, rid, round=0):
     return s if cfg.engine == "vllm" else torch.Generator(device).manual_seed(s)
 
 def batches(items, cfg, max_rows=1024):
-    """Consecutive prompts while their KV cache fits --batch-tokens (one always): a prompt's n
-    samples share its keys (cascade attention), so prompt + n x max new tokens each; n x (prompt +
-    max new tokens) where every sample holds its prompt (n = 1, --compile). At most max_rows
-    samples (n at least): each step holds [rows, vocab] logits, which the budget does not count."""
-    cur, size = [], 0
-    shared = M.shares_prompt(cfg.n, cfg.compile)
+    """Consecutive prompts while their KV cache fits --batch-tokens (one always), as generate
+    allocates it: rows padded to the batch's longest prompt; a prompt's n samples share its keys
+    (cascade attention: a prompt's row + n x max new tokens), or hold them each (n = 1, --compile:
+    n x (prompt + max new)). At most max_rows samples (n at least): each step holds [rows, vocab]
+    logits, which the budget does not count."""
+    holders = 1 if M.shares_prompt(cfg.n, cfg.compile) else cfg.n  # rows holding a prompt
+    cur, longest = [], 0
     for it in items:
-        cost = (1 if shared else cfg.n) * len(it["ids"]) + cfg.n * cfg.max_new_tokens
-        if cur and (size + cost > cfg.batch_tokens or (len(cur) + 1) * cfg.n > max_rows):
+        m = max(longest, len(it["ids"]))
+        size = (len(cur) + 1) * (holders * m + cfg.n * cfg.max_new_tokens)
+        if cur and (size > cfg.batch_tokens or (len(cur) + 1) * cfg.n > max_rows):
             yield cur
-            cur, size = [], 0
+            cur, m = [], len(it["ids"])
         cur.append(it)
-        size += cost
+        longest = m
     if cur:
         yield cur
 

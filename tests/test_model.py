@@ -99,7 +99,11 @@ def test_cascade_attention_equals_attention_over_prompt_and_own_keys(monkeypatch
     """Prompts of different lengths, uneven rows per prompt (the grid has holes), own pasts of
     different lengths and t = 2 new tokens (causal within them): against SDPA over each row's
     prompt keys followed by its own, computed in fp64."""
-    if not kernel:
+    calls = []
+    if kernel:  # count the fused kernel's calls: the prompt part must take it
+        real = M.cpu_kernel
+        monkeypatch.setattr(M, "cpu_kernel", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    else:
         monkeypatch.setattr(M, "cpu_kernel", None)
     cfg = M.LlamaConfig(**TINY, vocab_size=32)
     Hq, Hkv, D_, t = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, 2
@@ -119,6 +123,7 @@ def test_cascade_attention_equals_attention_over_prompt_and_own_keys(monkeypatch
     mask = torch.arange(S) <= pos[:, :, None]
     q = torch.randn(B, t, Hq, D_).to(dtype)
     got = M.cascade_attention(q, cache, 1, S, mask)
+    assert len(calls) == kernel
     for b in range(B):
         p, n = int(prompt[b]), int(cache.lengths[b]) + t
         k = torch.cat([pre.k[1, p, :, :int(pre.lengths[p])], cache.k[1, b, :, :n]], 1).double()
@@ -249,6 +254,20 @@ def test_empty_prompt_is_an_error(tiny_vicuna):
     for n in (1, 2):
         with pytest.raises(ValueError, match="empty prompt"):
             M.generate(model, [[], [1, 5, 6]], n=n, max_new_tokens=2)
+
+def test_sample_next_in_blocks_equals_row_by_row():
+    """Over 64 rows sample_next works in blocks on CPU: the same tokens as each row alone with
+    its uniform, and the same draws from a generator."""
+    torch.manual_seed(0)
+    logits = torch.randn(150, 40) * 3
+    u = torch.rand(150)
+    for t, p, k in ((0.7, 1.0, 0), (1.0, 0.8, 0), (0.9, 0.9, 5)):
+        whole = M.sample_next(logits, t, p, k, u=u)
+        assert whole.tolist() == [int(M.sample_next(logits[i:i + 1], t, p, k, u=u[i:i + 1]))
+                                  for i in range(150)]
+    a = M.sample_next(logits, 0.7, 1.0, 0, torch.Generator().manual_seed(3))
+    u = torch.rand(150, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, M.sample_next(logits, 0.7, 1.0, 0, u=u))
 
 def test_top_k_top_p_filter():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])

@@ -316,3 +316,5 @@ def test_batches_count_the_kv_cache_they_hold():
     assert sizes(n=1, max_new_tokens=50, batch_tokens=300) == [2, 2, 1]  # 150 each
     assert sizes(n=4, max_new_tokens=50, batch_tokens=10) == [1] * 5
     assert sizes(n=400, max_new_tokens=1, batch_tokens=10 ** 6) == [2, 2, 1]  # <= 1024 rows
+    items[1]["ids"] = [0] * 1000  # generate pads every prompt's row to the longest
+    assert sizes(n=4, max_new_tokens=50, batch_tokens=2399) == [1, 1, 3]  # 1200 each beside it
