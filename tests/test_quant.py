@@ -106,11 +106,12 @@ def test_compiled_decode_equals_eager(monkeypatch, tmp_path, quantize):
     """One compile (rows and cache length symbolic): greedy tokens of two prompts of different
     lengths in one batch, then two samples of one prompt (the same batch size: no recompile; eager
     shares the prompt through cascade attention, compiled rows hold it each) equal eager's. int8:
-    the compiled head's activation rounding and int8 matmul give eager's tokens too."""
+    compiled, the head keeps its activations in float (inductor's weight-only kernel is faster
+    there than int8 x int8), so eager runs with that head too."""
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model = tiny_model()
     if quantize:
-        M.quantize_int8(model)
+        M.quantize_int8(model).lm_head.acts = False
     prompts = [[1, 5, 6, 7], [1, 9, 10, 11, 12, 13, 14]]
 
     def run():
