@@ -6,7 +6,7 @@ batched generation, and checkpoints: load an HF folder, a Hub id or a GGUF file,
 that transformers and vLLM load. Torch only: the chat templates and data live in data.py, the
 training loop in training.py.
 """
-import dataclasses, fcntl, glob, json, math, os, resource, shutil
+import dataclasses, fcntl, glob, json, math, os, resource, shutil, weakref
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
@@ -410,9 +410,9 @@ class Llama(nn.Module):
         cos, sin = rope(cache.positions(1), self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         for t, dims in ((cache.k, (1, 3)), (cache.v, (1, 3)), (cache.lengths, 0), (tok, 0),
                         (cos, 0), (sin, 0)):
-            # rows and cache length symbolic: one compile for every batch size and reply budget
-            torch._dynamo.maybe_mark_dynamic(t, dims)
-            if t.is_cuda and t in (cache.k, cache.v, cache.lengths):  # CUDA graphs replay
+            # rows and cache length symbolic: one compile for every reply budget (compile_decode)
+            torch._dynamo.maybe_mark_dynamic(t, dims)  # CUDA graphs replay fixed addresses:
+            if t.is_cuda and any(t is c for c in (cache.k, cache.v, cache.lengths)):
                 torch._dynamo.mark_static_address(t)
         cache.whole = True
         logits = step(tok, cache, cos, sin)
@@ -580,8 +580,10 @@ def quantize_int8(model):
     """Replace every nn.Linear of `model` (a Llama, in place) by an Int8Linear, and the LM head
     too (a tied head gets its own int8 copy; the embedding lookup stays float). The reward head
     (score: one output) stays float, as rewards are read in fp32. Inference only: model.train()
-    refuses the result. Seconds for a 135M model. On CPU, decoding up to 16 rows, the LM head
-    takes int8 activations too: torch's weight-only kernel is slow on its 49k rows (half of an
+    refuses the result. Seconds for a 135M model. Each layer's q/k/v_proj become one qkv_proj and
+    gate/up_proj one gate_up_proj (one matmul each; per-row scales, so the same numbers). On CPU,
+    decoding up to 16 rows eagerly (compiled, it stays weight-only), the LM head takes int8
+    activations too: torch's weight-only kernel is slow on its 49k rows (half of an
     int8 step's matmul time for a fifth of the weights on SmolLM2: 21 -> 17 ms a step), for ~0.004
     nats more KL to fp32. With more rows the layers and an untied head dequantize (Int8Linear),
     and a tied head takes the float embedding."""
@@ -592,30 +594,45 @@ def quantize_int8(model):
     for layer in model.model.layers:  # matmuls of one input joined (per-row scales: the same q)
         for m, names, joined in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
                                  (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
-            parts = [m._modules.pop(n) for n in names]
-            setattr(m, joined, Int8Linear.join(parts))
+            if not hasattr(m, joined):  # (not yet: quantizing twice changes nothing)
+                setattr(m, joined, Int8Linear.join([m._modules.pop(n) for n in names]))
     if not model.reward and model.cfg.tie_word_embeddings:
         model.lm_head = Int8Linear(model.model.embed_tokens.weight, acts=True)
     return model.eval()
 
+compiled_model = None  # a weak reference to the one model whose decode step is compiled
+
 def compile_decode(model):
     """Compile model.decode_step (the one-token forward over the static cache) with torch.compile:
-    inductor's C++ on CPU, CUDA graphs on GPU (mode reduce-overhead, as gpt-fast). Its shapes are
-    fixed (the whole cache is attended, masked), so it compiles once per batch size; inductor's
-    FX graph cache (in $XWIN_CACHE/inductor) makes later runs reuse the compiled code."""
+    inductor's C++ on CPU, CUDA graphs on GPU (mode reduce-overhead, as gpt-fast). The whole cache
+    is attended (masked) and its length is symbolic, as are the rows beyond one: a compile for
+    batch 1, one for 2-16 rows, one for more (Int8Linear's kernels change at 16). Compiled code
+    (and the kernels' timings) are cached in $XWIN_CACHE/inductor for later runs. One model per
+    process: dynamo keeps compiled code per function, not per model, so compiling a second one
+    returns the first to eager decoding."""
+    global compiled_model
+    old = compiled_model and compiled_model()
+    if old is not None and old is not model:
+        del old.compiled_step
+    torch._dynamo.reset()
+    compiled_model = weakref.ref(model)
     cache = os.path.join(os.path.expanduser(os.environ.get("XWIN_CACHE", "~/.cache/xwin")),
                          "inductor")
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)  # /tmp's default may be wiped
     if model.device.type == "cuda":
         model.compiled_step = torch.compile(model.decode_step, mode="reduce-overhead")
         return model
-    # On CPU: the weights frozen in as constants (inductor lays them out for its kernels), each
-    # matmul's kernel chosen by timing inductor's C++ templates (which fuse the int8 dequant and
-    # the next elementwise ops) against aten's, and no guards on the modules' attributes (0.5 ms
-    # a step on SmolLM2): 20 -> 8.5 ms a step for SmolLM2 int8 on a 2-core AMX Xeon.
+    # On CPU: the weights frozen in as constants (inductor lays them out for its kernels: change
+    # them after this and the step still uses the old ones), each matmul's kernel chosen by timing
+    # inductor's C++ templates (which fuse the int8 dequant and the next elementwise ops) against
+    # aten's, and no guards on the modules' attributes (0.45 ms a step on SmolLM2). SmolLM2 int8 at
+    # batch 1 on a 2-core AMX Xeon: ~23 -> 9.4 ms a step. The FX graph cache stays off: its key
+    # has the frozen weights' shapes, not their values, so a hit would bring back another
+    # model's weights; the C++ kernels and the timings are still reused (~45 s vs ~70 s cold).
     compiled = torch.compile(model.decode_step, options={
         "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-    tuned = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN")
+    tuned = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+                 fx_graph_cache=False)
 
     def step(*args):  # the settings hold when it (re)compiles: in options= freezing is ignored
         with torch._inductor.config.patch(tuned):

@@ -1,6 +1,6 @@
 """Inference-only speedups (model.py): int8 weights (the head: int8 activations too) and the
 compiled decode step."""
-import json, os
+import json, os, subprocess, sys
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,6 +125,54 @@ def test_compiled_decode_equals_eager(monkeypatch, tmp_path, quantize):
         assert run() == eager
     finally:
         del model.compiled_step
+        torch._dynamo.reset()
+
+@pytest.mark.skipif(not M.compiler_available(), reason="torch.compile on CPU needs a C++ compiler (g++)")
+def test_compiled_step_keeps_its_own_weights(monkeypatch, tmp_path):
+    """The compiled step has its model's weights frozen in, and dynamo keeps compiled code per
+    function: a second model compiled in the process (same shapes) gets its own weights, not the
+    first's, and the first returns to eager; a new process with the same shapes and other weights
+    (the on-disk cache) gets its own too."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+
+    @torch.no_grad()
+    def decode(model, compiled):
+        cache = M.KVCache(model.cfg, 1, 16, "cpu", torch.float32)
+        model(torch.tensor([[1, 5, 6]]), cache=cache)
+        tok = torch.tensor([[7]])
+        return model.decode(tok, cache) if compiled else model(tok, cache=cache)
+    try:
+        # int8 (head weight-only, as compiled): inductor's int8 kernels repack the weights
+        a, b = (M.quantize_int8(tiny_model(seed=s)) for s in (0, 1))
+        for m in (a, b):
+            m.lm_head.acts = False
+            M.compile_decode(m)
+            assert torch.allclose(decode(m, True), decode(m, False), atol=0.05)
+        assert not hasattr(a, "compiled_step")
+        assert not torch.allclose(decode(a, False), decode(b, False), atol=0.5)
+        # a new process, the same cache dir (inherited), same shapes, other weights
+        script = tmp_path / "other.py"
+        script.write_text(
+            "import sys, torch\n"
+            f"sys.path[:0] = [{os.path.dirname(__file__)!r}]\n"
+            "from test_quant import M, tiny_model\n"
+            "m = M.quantize_int8(tiny_model(seed=2))\n"
+            "m.lm_head.acts = False\n"
+            "with torch.no_grad():\n"
+            "    out = []\n"
+            "    for compiled in (False, True):\n"
+            "        if compiled:\n"
+            "            M.compile_decode(m)\n"
+            "        c = M.KVCache(m.cfg, 1, 16, 'cpu', torch.float32)\n"
+            "        m(torch.tensor([[1, 5, 6]]), cache=c)\n"
+            "        t = torch.tensor([[7]])\n"
+            "        out.append(m.decode(t, c) if compiled else m(t, cache=c))\n"
+            "print((out[0] - out[1]).abs().max().item())\n")
+        p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert float(p.stdout.split()[-1]) < 0.05
+    finally:
         torch._dynamo.reset()
 
 def test_command_lines_quantize_and_progress(tmp_path, tiny_chatml, tiny_vicuna, sp_tokenizer):
