@@ -587,6 +587,8 @@ def quantize_int8(model):
     int8 step's matmul time for a fifth of the weights on SmolLM2: 21 -> 17 ms a step), for ~0.004
     nats more KL to fp32. With more rows the layers and an untied head dequantize (Int8Linear),
     and a tied head takes the float embedding."""
+    if model.quantized:  # already: quantizing twice changes nothing
+        return model.eval()
     for name, m in list(model.named_modules()):
         for child, sub in list(m.named_children()):
             if isinstance(sub, nn.Linear) and sub.out_features > 1:
@@ -594,8 +596,7 @@ def quantize_int8(model):
     for layer in model.model.layers:  # matmuls of one input joined (per-row scales: the same q)
         for m, names, joined in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
                                  (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
-            if not hasattr(m, joined):  # (not yet: quantizing twice changes nothing)
-                setattr(m, joined, Int8Linear.join([m._modules.pop(n) for n in names]))
+            setattr(m, joined, Int8Linear.join([m._modules.pop(n) for n in names]))
     if not model.reward and model.cfg.tie_word_embeddings:
         model.lm_head = Int8Linear(model.model.embed_tokens.weight, acts=True)
     return model.eval()
@@ -606,14 +607,15 @@ def compile_decode(model):
     """Compile model.decode_step (the one-token forward over the static cache) with torch.compile:
     inductor's C++ on CPU, CUDA graphs on GPU (mode reduce-overhead, as gpt-fast). The whole cache
     is attended (masked) and its length is symbolic, as are the rows beyond one: a compile for
-    batch 1, one for 2-16 rows, one for more (Int8Linear's kernels change at 16). Compiled code
-    (and the kernels' timings) are cached in $XWIN_CACHE/inductor for later runs. One model per
-    process: dynamo keeps compiled code per function, not per model, so compiling a second one
-    returns the first to eager decoding."""
+    batch 1, one for 2-16 rows, one for more (Int8Linear's kernels change at 16). Its C++ kernels
+    (and on CPU their timings) are cached in $XWIN_CACHE/inductor for later runs; on CPU the graph
+    itself is not (see below). One model per process: with the modules' guards dropped (CPU), the
+    code compiled for one model would serve another, so compiling a second one returns the first
+    to eager decoding."""
     global compiled_model
     old = compiled_model and compiled_model()
     if old is not None and old is not model:
-        del old.compiled_step
+        old.__dict__.pop("compiled_step", None)
     torch._dynamo.reset()
     compiled_model = weakref.ref(model)
     cache = os.path.join(os.path.expanduser(os.environ.get("XWIN_CACHE", "~/.cache/xwin")),
