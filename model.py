@@ -255,8 +255,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache, layer):
         shape = x.shape[:-1]
         if hasattr(self, "qkv_proj"):  # quantize_int8 joined the three: one matmul
-            q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd] + [
-                self.nkv * self.hd], -1)
+            sizes = [h * self.hd for h in (self.nh, self.nkv, self.nkv)]
+            q, k, v = self.qkv_proj(x).split(sizes, -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = apply_rope(q.view(*shape, self.nh, self.hd), cos, sin)
@@ -411,9 +411,9 @@ class Llama(nn.Module):
         for t, dims in ((cache.k, (1, 3)), (cache.v, (1, 3)), (cache.lengths, 0), (tok, 0),
                         (cos, 0), (sin, 0)):
             # rows and cache length symbolic: one compile for every reply budget (compile_decode)
-            torch._dynamo.maybe_mark_dynamic(t, dims)  # CUDA graphs replay fixed addresses:
+            torch._dynamo.maybe_mark_dynamic(t, dims)
             if t.is_cuda and any(t is c for c in (cache.k, cache.v, cache.lengths)):
-                torch._dynamo.mark_static_address(t)
+                torch._dynamo.mark_static_address(t)  # CUDA graphs replay fixed addresses
         cache.whole = True
         logits = step(tok, cache, cos, sin)
         cache.lengths += 1  # the host-side bookkeeping stays out of the compiled graph
@@ -539,15 +539,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.acts = acts
 
-    @classmethod
-    def join(cls, parts):  # one Int8Linear of stacked outputs, as if quantized together
-        out = cls.__new__(cls)
-        nn.Module.__init__(out)
-        out.register_buffer("weight", torch.cat([p.weight for p in parts]))
-        out.register_buffer("scale", torch.cat([p.scale for p in parts]))
-        out.acts = False
-        return out
-
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
         if self.acts and x.device.type == "cpu" and rows <= self.few and \
@@ -589,14 +580,14 @@ def quantize_int8(model):
     and a tied head takes the float embedding."""
     if model.quantized:  # already: quantizing twice changes nothing
         return model.eval()
+    for layer in model.model.layers:  # matmuls of one input joined (per-row scales: the same q)
+        for m, names, joined in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+                                 (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
+            setattr(m, joined, Int8Linear(torch.cat([m._modules.pop(n).weight for n in names])))
     for name, m in list(model.named_modules()):
         for child, sub in list(m.named_children()):
             if isinstance(sub, nn.Linear) and sub.out_features > 1:
                 setattr(m, child, Int8Linear(sub.weight, acts=child == "lm_head"))
-    for layer in model.model.layers:  # matmuls of one input joined (per-row scales: the same q)
-        for m, names, joined in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
-                                 (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
-            setattr(m, joined, Int8Linear.join([m._modules.pop(n) for n in names]))
     if not model.reward and model.cfg.tie_word_embeddings:
         model.lm_head = Int8Linear(model.model.embed_tokens.weight, acts=True)
     return model.eval()
