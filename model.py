@@ -583,7 +583,10 @@ def quantize_int8(model):
     for layer in model.model.layers:  # matmuls of one input joined (per-row scales: the same q)
         for m, names, joined in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
                                  (layer.mlp, ("gate_proj", "up_proj"), "gate_up_proj")):
-            setattr(m, joined, Int8Linear(torch.cat([m._modules.pop(n).weight for n in names])))
+            w = torch.cat([getattr(m, n).weight for n in names])  # (built before any goes)
+            setattr(m, joined, Int8Linear(w))
+            for n in names:
+                delattr(m, n)
     for name, m in list(model.named_modules()):
         for child, sub in list(m.named_children()):
             if isinstance(sub, nn.Linear) and sub.out_features > 1:

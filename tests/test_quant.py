@@ -100,6 +100,20 @@ def test_quantized_model_refuses_training(tmp_path, sp_tokenizer):
     with pytest.raises(SystemExit, match="8-bit integers"):
         M.load_model(path)
 
+def test_joined_projections_are_the_separate_ones():
+    """quantize_int8 joins q/k/v and gate/up into one matmul each: per-row scales, so the weights,
+    scales and outputs are those of separately quantized projections."""
+    model = tiny_model(num_key_value_heads=1)
+    a, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    parts = [M.Int8Linear(getattr(m, n).weight) for m, n in ((a, "q_proj"), (a, "k_proj"),
+                                                             (a, "v_proj"), (mlp, "gate_proj"))]
+    M.quantize_int8(model)
+    assert not hasattr(a, "q_proj") and not hasattr(mlp, "up_proj")
+    assert torch.equal(a.qkv_proj.weight, torch.cat([p.weight for p in parts[:3]]))
+    assert torch.equal(a.qkv_proj.scale, torch.cat([p.scale for p in parts[:3]]))
+    x = torch.randn(3, 5, model.cfg.hidden_size)
+    assert torch.equal(mlp.gate_up_proj(x).chunk(2, -1)[0], parts[3](x))
+
 @pytest.mark.skipif(not M.compiler_available(), reason="torch.compile on CPU needs a C++ compiler (g++)")
 @pytest.mark.parametrize("quantize", ["", "int8"])
 def test_compiled_decode_equals_eager(monkeypatch, tmp_path, quantize):
