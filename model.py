@@ -208,6 +208,7 @@ class KVCache:
         self.layer = torch.arange(cfg.num_hidden_layers, device=device)[:, None, None]  # index
         self.used = 0  # max of lengths, kept on the host so attention needs no device sync
         self.whole = False  # attend over all max_len slots (masked): fixed shapes (torch.compile)
+        self.logits = None  # the last step's logits (Llama.logits: many rows on CPU)
         self.prefix, self.prompt = prefix, prompt
         if prefix is not None:
             self._grid()
@@ -394,11 +395,19 @@ class Llama(nn.Module):
                                "only: train from the float checkpoint")
         return super().train(mode)
 
-    def logits(self, x):
-        if isinstance(getattr(self, "lm_head", None), Int8Linear) and not (
-                self.cfg.tie_word_embeddings and x.numel() > Int8Linear.few * x.shape[-1]):
-            return self.lm_head(x)  # a tied head's int8 copy serves decoding's few rows; many
-        return F.linear(x, self.head_weight())  # take the float embedding (no 49k-row dequant)
+    def logits(self, x, cache=None):
+        head, tied = getattr(self, "lm_head", None), self.cfg.tie_word_embeddings
+        if isinstance(head, Int8Linear):  # int8 kernels for decoding's few rows; with many, a
+            if x.numel() <= Int8Linear.few * x.shape[-1] or not (tied or head.dense is not None):
+                return head(x)  # tied head takes the float embedding (no 49k-row dequant)
+        w = head.dense if isinstance(head, Int8Linear) and not tied else self.head_weight()
+        if cache is None or not x.is_cpu or len(x) <= Int8Linear.few:
+            return F.linear(x, w)
+        # Decoding many rows on CPU: into a buffer the cache keeps. Fresh logits each step (50 MB
+        # at 512 rows) faulted their pages in every time: as long as the head's matmul itself.
+        if cache.logits is None or len(cache.logits) < len(x) or cache.logits.dtype != x.dtype:
+            cache.logits = x.new_empty(len(x), w.shape[0])
+        return torch.mm(x, w.t(), out=cache.logits[:len(x)])
 
     def decode(self, tok, cache):
         """One decoding step, self(tok, cache=cache) for tok [B, 1]: eager, or through the step
@@ -465,7 +474,7 @@ class Llama(nn.Module):
             return chunked_logprobs(x, self.head_weight(), targets)
         if cache is not None:  # the last token of each row, or of its prompt (`last`: padding)
             x = x[:, -1] if last is None else x[torch.arange(len(x), device=x.device), last]
-        return self.logits(x)
+        return self.logits(x, cache)
 
 class ChunkedLogprobs(torch.autograd.Function):
     """log p(t | h) = h.w_t - logsumexp(h W^T) for rows h [N, d], a chunk of rows at a time: the
@@ -529,6 +538,7 @@ class Int8Linear(nn.Module):
     too, per row on the fly (symmetric, max |x| / 127), and multiplies int8 by int8 on CPU when
     there are few rows (decoding)."""
     few = 16  # rows up to which CPU decoding takes the int8 kernels; more dequantize
+    dense = None  # the float weights, while generate decodes many rows on CPU (float_weights)
 
     def __init__(self, weight, acts=False):
         super().__init__()
@@ -560,12 +570,26 @@ class Int8Linear(nn.Module):
             y = torch._weight_int8pack_mm(x.reshape(rows, -1).to(torch.bfloat16), self.weight,
                                           self.scale)
             return y.view(*x.shape[:-1], -1).to(x.dtype)
+        if self.dense is not None:
+            return F.linear(x, self.dense)
         # Many rows (prefill, sampling n samples a prompt) or CUDA (no such kernels there):
         # dequantize, then a float matmul; at 64+ rows on CPU this beats the int8 kernel ~2x (it
         # is a GEMV at heart) and the head's int8 x int8 3x (converting its [rows, 49k] int32
         # output costs more than the matmul); under torch.compile the dequantization fuses into
         # the matmul's load.
         return F.linear(x, self.weight.to(x.dtype)).mul_(self.scale.to(x.dtype))
+
+def float_weights(model, on):
+    """Give every Int8Linear of `model` its dequantized float weights (w = q * scale, in the
+    model's dtype), or drop them (on=False). generate holds them while it decodes many rows on
+    CPU: there a step is compute-bound, and dequantizing each matmul's weights every step made
+    int8 ~15% slower than bf16 at n = 64. The price: int8 then saves memory between calls, not
+    during one (SmolLM2: +0.2 GB while sampling)."""
+    tied = getattr(model, "lm_head", None) if model.cfg.tie_word_embeddings else None
+    for m in model.modules():  # (a tied head has the float embedding)
+        if isinstance(m, Int8Linear) and m is not tied:
+            dt = model.dtype
+            m.dense = m.weight.to(dt).mul_(m.scale.to(dt)[:, None]) if on else None
 
 def quantize_int8(model):
     """Replace every nn.Linear of `model` (a Llama, in place) by an Int8Linear, and the LM head
@@ -721,7 +745,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
     finish_reason 'eos', 'stop' (a stop string; ids end with it) or 'length'.
     on_token(row, token_id) streams; row = prompt_index * n + sample_index.
     on_logits(rows, logits) sees each step's logits [len(rows), vocab] before sampling (for
-    logprobs); rows[j] is the row of logits[j]; rows finished but not yet compacted away are in.
+    logprobs; read them during the call: the next step overwrites them); rows[j] is the row of
+    logits[j]; rows finished but not yet compacted away are in.
     on_done(row, finish_reason) says when a row has ended (its response can go out at once);
     aborted(row) -> True ends a row at once, finish_reason 'abort' (a client that went away).
     generator: a torch.Generator, or a list with one per prompt. Each step draws n uniforms per
@@ -745,10 +770,15 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
                          f"(max_len {limit})")
     gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * P
 
-    # Caches. n > 1: the prompts in `prefix`, each row's own tokens in `cache` (cascade attention).
-    # n == 1 (chat) shares nothing: plain rows holding prompt and reply, a third fewer ops a step.
+    # int8 on CPU with many rows (sampling): a step is compute-bound there, and dequantizing each
+    # matmul's weights every step cost ~15%: this call takes the layers' float weights instead
+    compiled = getattr(model, "compiled_step", None) is not None
+    float_weights(model, dev.type == "cpu" and B > Int8Linear.few and not compiled)
+    # Caches. n > 1: the prompts in `prefix`, each row's own tokens in `cache` (cascade
+    # attention). n == 1 (chat) shares nothing: plain rows holding prompt and reply, a third
+    # fewer ops a step.
     # A compiled step (compile_decode) takes plain rows only: each sample then holds its prompt.
-    shared = shares_prompt(n, getattr(model, "compiled_step", None) is not None)
+    shared = shares_prompt(n, compiled)
     if shared:
         prefix = KVCache(cfg, P, max(map(len, prompts)), dev, dtype)
     else:
@@ -756,7 +786,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
     first, m = [None] * P, 1 if shared else n  # m: the cache rows of a prompt
     for group in prefill_groups(prompts):  # each prompt prefilled once: its n samples share it
         T, lens = max(len(prompts[i]) for i in group), [len(prompts[i]) for i in group]
-        ids = torch.tensor([prompts[i] + [0] * (T - len(prompts[i])) for i in group], device=dev)
+        ids = [prompts[i] + [0] * (T - len(prompts[i])) for i in group]
+        ids = torch.tensor(ids, device=dev)
         some = KVCache(cfg, len(group), T, dev, dtype)
         logits = model(ids, cache=some, last=torch.tensor(lens, device=dev) - 1)
         some.lengths = torch.tensor(lens, device=dev)  # the padding's keys are never read
@@ -771,7 +802,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
     def draws(live):  # uniforms for the live rows (indices into the B samples)
         if max(temps) <= 0:
             return None
-        return torch.cat([torch.rand(n, generator=g, device=dev) if t > 0 else  # greedy: no draw
+        return torch.cat([torch.rand(n, generator=g, device=dev) if t > 0 else  # greedy: none
                           torch.zeros(n, device=dev) for g, t in zip(gens, temps)])[live]
 
     settings = list(zip(temps, top_ps, top_ks))
@@ -823,8 +854,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
         live = [j for j, r in enumerate(rows) if not reason[r]]
         if not live:
             break
-        # Compaction: finished rows leave once an eighth of the rows are done, or at once when one
-        # of them has filled its cache row (a finished row keeps decoding until it leaves).
+        # Compaction: finished rows leave once an eighth of the rows are done, or at once when
+        # one of them has filled its cache row (a finished row keeps decoding until it leaves).
         full = cache.used >= cache.k.shape[3]
         if len(live) <= len(rows) * 7 // 8 or (full and len(live) < len(rows)):
             idx = torch.tensor(live, device=dev)
@@ -835,6 +866,7 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
         if on_logits:
             on_logits(rows, logits)
         tok = sample(logits, rows, draws(live_t))
+    float_weights(model, False)  # (a call that raised leaves them to the next one to drop)
     return [[{"ids": out[i * n + s], "finish_reason": reason[i * n + s]} for s in range(n)]
             for i in range(P)]
 

@@ -173,6 +173,32 @@ def test_rows_of_different_lengths_in_one_cache(tiny_vicuna):
         assert (out[0] - model(torch.tensor([a + [20]]))[-1]).abs().max() <= 1e-5
         assert (out[1] - model(torch.tensor([b + [21]]))[-1]).abs().max() <= 1e-5
 
+def test_many_rows_logits_go_to_the_caches_buffer(tiny_vicuna):
+    """Decoding more than 16 rows on CPU writes the logits into a buffer the cache keeps (fresh
+    [rows, vocab] logits faulted their pages in every step): the same numbers as each row alone,
+    the buffer reused by the next step, and fewer rows (compaction) take its first rows."""
+    model, _, _ = M.load_model(tiny_vicuna)
+    prompts = [[5 + i, 6, 7 + i % 5][: 1 + i % 3] for i in range(20)]
+    with torch.no_grad():
+        cache = M.KVCache(model.cfg, 20, 8, "cpu", torch.float32)
+        for row, p in enumerate(prompts):
+            one = M.KVCache(model.cfg, 1, 8, "cpu", torch.float32)
+            model(torch.tensor([p]), cache=one)
+            cache.copy_from(slice(row, row + 1), one)
+        tok = torch.arange(20, 40)[:, None]
+        out = model(tok, cache=cache)
+        assert cache.logits is not None and out.data_ptr() == cache.logits.data_ptr()
+        for row, p in enumerate(prompts):
+            ref = model(torch.tensor([p + [20 + row]]))[-1]
+            assert (out[row] - ref).abs().max() <= 1e-5
+        first = out.clone()
+        cache.keep(torch.arange(17))
+        again = model(tok[:17], cache=cache)
+        assert again.data_ptr() == out.data_ptr() and not torch.equal(again, first[:17])
+        for row, p in enumerate(prompts[:17]):
+            ref = model(torch.tensor([p + [20 + row] * 2]))[-1]
+            assert (again[row] - ref).abs().max() <= 1e-5
+
 def test_save_roundtrip_and_sharding(tmp_path, tiny_vicuna):
     model, tok, template = M.load_model(tiny_vicuna)
     out = tmp_path / "saved"

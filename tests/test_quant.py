@@ -114,6 +114,37 @@ def test_joined_projections_are_the_separate_ones():
     x = torch.randn(3, 5, model.cfg.hidden_size)
     assert torch.equal(mlp.gate_up_proj(x).chunk(2, -1)[0], parts[3](x))
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_float_weights_while_decoding_many_rows(monkeypatch, tied):
+    """generate on CPU with more than 16 rows gives the int8 layers their float weights (q * scale)
+    for the call, and drops them when it returns: many rows then take a plain float matmul (the
+    same product up to float rounding), few rows the int8 kernels still. Greedy tokens are those
+    of the per-step dequantization; a tied head keeps no copy (it has the float embedding)."""
+    q = M.quantize_int8(tiny_model(tie_word_embeddings=tied))
+    lin = q.model.layers[0].mlp.down_proj
+    x = torch.randn(40, lin.weight.shape[1])
+    few, many = lin(x[:3]), lin(x)
+    M.float_weights(q, True)
+    assert torch.equal(lin.dense, lin.weight.float() * lin.scale.float()[:, None])
+    assert (q.lm_head.dense is None) == tied
+    assert torch.equal(lin(x[:3]), few) and not torch.equal(lin(x), many)
+    assert (lin(x) - many).abs().max() <= 1e-5 * many.abs().max()
+    M.float_weights(q, False)
+    assert all(m.dense is None for m in q.modules() if isinstance(m, M.Int8Linear))
+    prompts = [[5, 6, 7], [9, 10]]
+    seen = []
+    spy = lambda rows, logits: seen.append(lin.dense is not None)
+    outs = {}
+    for on in (True, False):
+        if not on:
+            monkeypatch.setattr(M, "float_weights", lambda model, on: None)
+        outs[on] = M.generate(q, prompts, n=9, max_new_tokens=6, temperature=0, on_logits=spy)
+    assert outs[True] == outs[False] and seen == [True] * 6 + [False] * 6  # a call: 6 steps
+    assert lin.dense is None  # dropped at the end of the call
+    seen.clear()
+    M.generate(q, prompts, n=8, max_new_tokens=2, temperature=0, on_logits=spy)  # 16 rows
+    assert seen and not any(seen)
+
 @pytest.mark.skipif(not M.compiler_available(), reason="torch.compile on CPU needs a C++ compiler (g++)")
 @pytest.mark.parametrize("quantize", ["", "int8"])
 def test_compiled_decode_equals_eager(monkeypatch, tmp_path, quantize):
