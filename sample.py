@@ -66,8 +66,8 @@ class Config:
     dtype: str = "auto"  # float32 or bfloat16 (auto: bfloat16 on CUDA and on native-bf16 CPUs)
     engine: str = "ours"  # ours, or vllm (when installed: a GPU engine, one process; same records)
     quantize: str = ""  # int8: int8-weight policy and reward model (inference only); at batch
-        # 1-16 rows faster; at n = 64 ~15% slower than bf16 on CPU (compute-bound: each matmul
-        # dequantizes its weights)
+        # 1-16 rows faster; at n = 64 as fast as bf16 on CPU, holding the float weights while it
+        # samples (compute-bound there: generate dequantizes once a call)
     compile: bool = False  # torch.compile the decode step (ours; needs a C++ compiler): samples
         # then hold their prompt's keys (no cascade); compiles once (minutes on a small CPU)
     category_temperature: str = ""  # MT-bench questions: CATEGORY=T,... over MT-bench's own
