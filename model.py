@@ -6,7 +6,7 @@ batched generation, and checkpoints: load an HF folder, a Hub id or a GGUF file,
 that transformers and vLLM load. Torch only: the chat templates and data live in data.py, the
 training loop in training.py.
 """
-import dataclasses, fcntl, glob, json, math, os, resource, shutil, weakref
+import contextlib, dataclasses, fcntl, glob, json, math, os, resource, shutil, weakref
 from dataclasses import dataclass
 import torch
 import torch.nn as nn
@@ -401,7 +401,8 @@ class Llama(nn.Module):
             if x.numel() <= Int8Linear.few * x.shape[-1] or not (tied or head.dense is not None):
                 return head(x)  # tied head takes the float embedding (no 49k-row dequant)
         w = head.dense if isinstance(head, Int8Linear) and not tied else self.head_weight()
-        if cache is None or not x.is_cpu or len(x) <= Int8Linear.few:
+        if cache is None or not x.is_cpu or len(x) <= Int8Linear.few or \
+                torch.is_grad_enabled():  # (autograd refuses out=)
             return F.linear(x, w)
         # Decoding many rows on CPU: into a buffer the cache keeps. Fresh logits each step (50 MB
         # at 512 rows) faulted their pages in every time: as long as the head's matmul itself.
@@ -537,7 +538,8 @@ class Int8Linear(nn.Module):
     step, which is what batch-1 decoding waits on. acts=True (the LM head) quantizes the activations
     too, per row on the fly (symmetric, max |x| / 127), and multiplies int8 by int8 on CPU when
     there are few rows (decoding)."""
-    few = 16  # rows up to which CPU decoding takes the int8 kernels; more dequantize
+    few = 16  # rows up to which CPU decoding takes the int8 kernels; more dequantize (or take
+    # float_weights, in generate)
     dense = None  # the float weights, while generate decodes many rows on CPU (float_weights)
 
     def __init__(self, weight, acts=False):
@@ -579,17 +581,23 @@ class Int8Linear(nn.Module):
         # the matmul's load.
         return F.linear(x, self.weight.to(x.dtype)).mul_(self.scale.to(x.dtype))
 
-def float_weights(model, on):
-    """Give every Int8Linear of `model` its dequantized float weights (w = q * scale, in the
-    model's dtype), or drop them (on=False). generate holds them while it decodes many rows on
-    CPU: there a step is compute-bound, and dequantizing each matmul's weights every step made
-    int8 ~15% slower than bf16 at n = 64. The price: int8 then saves memory between calls, not
-    during one (SmolLM2: +0.2 GB while sampling)."""
+@contextlib.contextmanager
+def float_weights(model, on=True):
+    """While in it (on=True), every Int8Linear of `model` has its dequantized float weights
+    (w = q * scale, in the model's dtype) and takes them for more than 16 rows. generate holds
+    them while it decodes many rows on CPU: there a step is compute-bound, and dequantizing each
+    matmul's weights every step made int8 ~15% slower than bf16 at n = 64. The price: int8 then
+    saves memory between calls, not during one (SmolLM2: +0.2 GB in bf16, +0.4 GB in fp32).
+    Not for two threads decoding with one model at once (the repo never does)."""
     tied = getattr(model, "lm_head", None) if model.cfg.tie_word_embeddings else None
-    for m in model.modules():  # (a tied head has the float embedding)
-        if isinstance(m, Int8Linear) and m is not tied:
-            dt = model.dtype
-            m.dense = m.weight.to(dt).mul_(m.scale.to(dt)[:, None]) if on else None
+    layers = [m for m in model.modules() if on and isinstance(m, Int8Linear) and m is not tied]
+    for m in layers:  # (a tied head has the float embedding)
+        m.dense = m.weight.to(model.dtype).mul_(m.scale.to(model.dtype)[:, None])
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.dense = None
 
 def quantize_int8(model):
     """Replace every nn.Linear of `model` (a Llama, in place) by an Int8Linear, and the LM head
@@ -600,8 +608,9 @@ def quantize_int8(model):
     decoding up to 16 rows eagerly (compiled, it stays weight-only), the LM head takes int8
     activations too: torch's weight-only kernel is slow on its 49k rows (half of an
     int8 step's matmul time for a fifth of the weights on SmolLM2: 21 -> 17 ms a step), for ~0.004
-    nats more KL to fp32. With more rows the layers and an untied head dequantize (Int8Linear),
-    and a tied head takes the float embedding."""
+    nats more KL to fp32. With more rows the layers and an untied head dequantize (Int8Linear:
+    each matmul, or once for a generate call, float_weights), and a tied head takes the float
+    embedding."""
     if model.quantized:  # already: quantizing twice changes nothing
         return model.eval()
     for layer in model.model.layers:  # matmuls of one input joined (per-row scales: the same q)
@@ -684,7 +693,9 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
     V = probs.shape[-1]
     if top_k and top_k < V:
         probs.masked_fill_(probs < probs.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
-    probs = probs.sub_(probs.amax(-1, keepdim=True)).exp_()  # unnormalized
+    # unnormalized; exp below -87 (fp32's denormals and 0) takes x86's slow path, 25x slower:
+    # clamped at -80, whose e^-80 (also what top-k's -inf become) is never drawn (see x below)
+    probs = probs.sub_(probs.amax(-1, keepdim=True)).clamp_(min=-80).exp_()
     if top_p < 1.0:  # the nucleus is nearly always in the first few dozen tokens: look there first
         total, k = probs.sum(-1, keepdim=True), min(V, 64)
         while True:
@@ -694,10 +705,11 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
                 break
             k = min(V, 8 * k)
         probs.masked_fill_(probs < top.gather(-1, (before < top_p).sum(-1, keepdim=True) - 1), 0)
-    # Inverse CDF: the first index whose cdf exceeds x (< total): never past the end, never 0-mass
+    # Inverse CDF: the first index whose cdf exceeds x, x in [2^-24, 1) of the total (1 - u, u in
+    # [0, 1)): never past the end, never a token of e^-80 mass (all of them sum to < 1e-29 of it)
     cdf = probs.cumsum_(-1)
     total = cdf[:, -1:]
-    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    x = torch.minimum((1 - u)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 def shares_prompt(n, compiled):
@@ -773,102 +785,101 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
     # int8 on CPU with many rows (sampling): a step is compute-bound there, and dequantizing each
     # matmul's weights every step cost ~15%: this call takes the layers' float weights instead
     compiled = getattr(model, "compiled_step", None) is not None
-    float_weights(model, dev.type == "cpu" and B > Int8Linear.few and not compiled)
-    # Caches. n > 1: the prompts in `prefix`, each row's own tokens in `cache` (cascade
-    # attention). n == 1 (chat) shares nothing: plain rows holding prompt and reply, a third
-    # fewer ops a step.
-    # A compiled step (compile_decode) takes plain rows only: each sample then holds its prompt.
-    shared = shares_prompt(n, compiled)
-    if shared:
-        prefix = KVCache(cfg, P, max(map(len, prompts)), dev, dtype)
-    else:
-        cache = KVCache(cfg, B, max(len(p) + b for p, b in zip(prompts, budgets)), dev, dtype)
-    first, m = [None] * P, 1 if shared else n  # m: the cache rows of a prompt
-    for group in prefill_groups(prompts):  # each prompt prefilled once: its n samples share it
-        T, lens = max(len(prompts[i]) for i in group), [len(prompts[i]) for i in group]
-        ids = [prompts[i] + [0] * (T - len(prompts[i])) for i in group]
-        ids = torch.tensor(ids, device=dev)
-        some = KVCache(cfg, len(group), T, dev, dtype)
-        logits = model(ids, cache=some, last=torch.tensor(lens, device=dev) - 1)
-        some.lengths = torch.tensor(lens, device=dev)  # the padding's keys are never read
-        for j, i in enumerate(group):
-            first[i] = logits[j]
-            (prefix if shared else cache).copy_from(slice(i * m, i * m + m), some, j)
-        del some
-    if shared:
-        owner = torch.arange(P, device=dev).repeat_interleave(n)
-        cache = KVCache(cfg, B, max(budgets), dev, dtype, prefix, owner)
+    with float_weights(model, dev.type == "cpu" and B > Int8Linear.few and not compiled):
+        # Caches. n > 1: the prompts in `prefix`, each row's own tokens in `cache` (cascade
+        # attention). n == 1 (chat) shares nothing: plain rows holding prompt and reply, a third
+        # fewer ops a step.
+        # A compiled step (compile_decode) takes plain rows only: each sample then holds its prompt.
+        shared = shares_prompt(n, compiled)
+        if shared:
+            prefix = KVCache(cfg, P, max(map(len, prompts)), dev, dtype)
+        else:
+            cache = KVCache(cfg, B, max(len(p) + b for p, b in zip(prompts, budgets)), dev, dtype)
+        first, m = [None] * P, 1 if shared else n  # m: the cache rows of a prompt
+        for group in prefill_groups(prompts):  # each prompt prefilled once: its n samples share it
+            T, lens = max(len(prompts[i]) for i in group), [len(prompts[i]) for i in group]
+            ids = [prompts[i] + [0] * (T - len(prompts[i])) for i in group]
+            ids = torch.tensor(ids, device=dev)
+            some = KVCache(cfg, len(group), T, dev, dtype)
+            logits = model(ids, cache=some, last=torch.tensor(lens, device=dev) - 1)
+            some.lengths = torch.tensor(lens, device=dev)  # the padding's keys are never read
+            for j, i in enumerate(group):
+                first[i] = logits[j]
+                (prefix if shared else cache).copy_from(slice(i * m, i * m + m), some, j)
+            del some
+        if shared:
+            owner = torch.arange(P, device=dev).repeat_interleave(n)
+            cache = KVCache(cfg, B, max(budgets), dev, dtype, prefix, owner)
 
-    def draws(live):  # uniforms for the live rows (indices into the B samples)
-        if max(temps) <= 0:
-            return None
-        return torch.cat([torch.rand(n, generator=g, device=dev) if t > 0 else  # greedy: none
-                          torch.zeros(n, device=dev) for g, t in zip(gens, temps)])[live]
+        def draws(live):  # uniforms for the live rows (indices into the B samples)
+            if max(temps) <= 0:
+                return None
+            return torch.cat([torch.rand(n, generator=g, device=dev) if t > 0 else  # greedy: none
+                              torch.zeros(n, device=dev) for g, t in zip(gens, temps)])[live]
 
-    settings = list(zip(temps, top_ps, top_ks))
+        settings = list(zip(temps, top_ps, top_ks))
 
-    def sample(logits, rows, u):  # rows sharing one setting are sampled together
-        groups = {}
-        for j, r in enumerate(rows):
-            groups.setdefault(settings[r // n], []).append(j)
-        if len(groups) == 1:
-            return sample_next(logits, *settings[rows[0] // n], u=u)
-        tok = torch.empty(len(rows), dtype=torch.long, device=dev)
-        for s, js in groups.items():
-            j = torch.tensor(js, device=dev)
-            tok[j] = sample_next(logits[j], *s, u=None if u is None else u[j])
-        return tok
+        def sample(logits, rows, u):  # rows sharing one setting are sampled together
+            groups = {}
+            for j, r in enumerate(rows):
+                groups.setdefault(settings[r // n], []).append(j)
+            if len(groups) == 1:
+                return sample_next(logits, *settings[rows[0] // n], u=u)
+            tok = torch.empty(len(rows), dtype=torch.long, device=dev)
+            for s, js in groups.items():
+                j = torch.tensor(js, device=dev)
+                tok[j] = sample_next(logits[j], *s, u=None if u is None else u[j])
+            return tok
 
-    # The first token of every row, from its prompt's prefill logits
-    rows = list(range(B))  # cache row -> output index
-    live_t = torch.arange(B, device=dev)
-    logits = torch.stack(first).repeat_interleave(n, 0)
-    if on_logits:
-        on_logits(list(range(B)), logits)
-    tok = sample(logits, rows, draws(live_t))
-    eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
-    out, reason = [[] for _ in range(B)], [None] * B
-    budget = [budgets[r // n] for r in range(B)]
-    max_stop = [max((len(s) for s in ss), default=0) for ss in stops]
-    while True:
-        # Bookkeeping on the host: append each live row's token, decide which rows are done
-        toks, done = tok.tolist(), torch.isin(tok, eos).tolist()
-        for j, r in enumerate(rows):
-            if reason[r]:
-                continue
-            if aborted and aborted(r):
-                reason[r] = "abort"
-            elif done[j]:
-                reason[r] = "eos"
-            else:
-                out[r].append(toks[j])
-                if on_token:
-                    on_token(r, toks[j])
-                ss, m = stops[r // n], max_stop[r // n]
-                if ss and any(s in tokenizer.decode(out[r][-m - 4:]) for s in ss):
-                    reason[r] = "stop"
-                elif len(out[r]) >= budget[r]:
-                    reason[r] = "length"
-            if reason[r] and on_done:
-                on_done(r, reason[r])
-        live = [j for j, r in enumerate(rows) if not reason[r]]
-        if not live:
-            break
-        # Compaction: finished rows leave once an eighth of the rows are done, or at once when
-        # one of them has filled its cache row (a finished row keeps decoding until it leaves).
-        full = cache.used >= cache.k.shape[3]
-        if len(live) <= len(rows) * 7 // 8 or (full and len(live) < len(rows)):
-            idx = torch.tensor(live, device=dev)
-            cache.keep(idx)
-            tok, rows, live_t = tok[idx], [rows[j] for j in live], live_t[idx]
-        # One decoding step for every row left
-        logits = model.decode(tok[:, None], cache)
+        # The first token of every row, from its prompt's prefill logits
+        rows = list(range(B))  # cache row -> output index
+        live_t = torch.arange(B, device=dev)
+        logits = torch.stack(first).repeat_interleave(n, 0)
         if on_logits:
-            on_logits(rows, logits)
+            on_logits(list(range(B)), logits)
         tok = sample(logits, rows, draws(live_t))
-    float_weights(model, False)  # (a call that raised leaves them to the next one to drop)
-    return [[{"ids": out[i * n + s], "finish_reason": reason[i * n + s]} for s in range(n)]
-            for i in range(P)]
+        eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=dev)
+        out, reason = [[] for _ in range(B)], [None] * B
+        budget = [budgets[r // n] for r in range(B)]
+        max_stop = [max((len(s) for s in ss), default=0) for ss in stops]
+        while True:
+            # Bookkeeping on the host: append each live row's token, decide which rows are done
+            toks, done = tok.tolist(), torch.isin(tok, eos).tolist()
+            for j, r in enumerate(rows):
+                if reason[r]:
+                    continue
+                if aborted and aborted(r):
+                    reason[r] = "abort"
+                elif done[j]:
+                    reason[r] = "eos"
+                else:
+                    out[r].append(toks[j])
+                    if on_token:
+                        on_token(r, toks[j])
+                    ss, m = stops[r // n], max_stop[r // n]
+                    if ss and any(s in tokenizer.decode(out[r][-m - 4:]) for s in ss):
+                        reason[r] = "stop"
+                    elif len(out[r]) >= budget[r]:
+                        reason[r] = "length"
+                if reason[r] and on_done:
+                    on_done(r, reason[r])
+            live = [j for j, r in enumerate(rows) if not reason[r]]
+            if not live:
+                break
+            # Compaction: finished rows leave once an eighth of the rows are done, or at once when
+            # one of them has filled its cache row (a finished row keeps decoding until it leaves).
+            full = cache.used >= cache.k.shape[3]
+            if len(live) <= len(rows) * 7 // 8 or (full and len(live) < len(rows)):
+                idx = torch.tensor(live, device=dev)
+                cache.keep(idx)
+                tok, rows, live_t = tok[idx], [rows[j] for j in live], live_t[idx]
+            # One decoding step for every row left
+            logits = model.decode(tok[:, None], cache)
+            if on_logits:
+                on_logits(rows, logits)
+            tok = sample(logits, rows, draws(live_t))
+        return [[{"ids": out[i * n + s], "finish_reason": reason[i * n + s]} for s in range(n)]
+                for i in range(P)]
 
 # -------------------------------------------------------------------------------------------------
 # Checkpoints: HF folders (single or sharded safetensors), Hub ids, GGUF files

@@ -67,7 +67,7 @@ class Config:
     engine: str = "ours"  # ours, or vllm (when installed: a GPU engine, one process; same records)
     quantize: str = ""  # int8: int8-weight policy and reward model (inference only); at batch
         # 1-16 rows faster; at n = 64 as fast as bf16 on CPU, holding the float weights while it
-        # samples (compute-bound there: generate dequantizes once a call)
+        # samples (compute-bound there: generate dequantizes once a call; not with --compile)
     compile: bool = False  # torch.compile the decode step (ours; needs a C++ compiler): samples
         # then hold their prompt's keys (no cascade); compiles once (minutes on a small CPU)
     category_temperature: str = ""  # MT-bench questions: CATEGORY=T,... over MT-bench's own

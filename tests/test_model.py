@@ -198,6 +198,8 @@ def test_many_rows_logits_go_to_the_caches_buffer(tiny_vicuna):
         for row, p in enumerate(prompts[:17]):
             ref = model(torch.tensor([p + [20 + row] * 2]))[-1]
             assert (again[row] - ref).abs().max() <= 1e-5
+    cache = M.KVCache(model.cfg, 20, 8, "cpu", torch.float32)  # with gradients: no buffer
+    assert model(tok, cache=cache).requires_grad and cache.logits is None
 
 def test_save_roundtrip_and_sharding(tmp_path, tiny_vicuna):
     model, tok, template = M.load_model(tiny_vicuna)
@@ -294,6 +296,20 @@ def test_sample_next_in_blocks_equals_row_by_row():
     a = M.sample_next(logits, 0.7, 1.0, 0, torch.Generator().manual_seed(3))
     u = torch.rand(150, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, M.sample_next(logits, 0.7, 1.0, 0, u=u))
+
+def test_sampling_never_draws_what_underflows():
+    """At a low temperature nearly all of the vocabulary lies below exp's range: clamped at e^-80
+    (x86's exp is 25x slower below -87), those tokens are still never drawn, nor what top-k cut,
+    even at the extreme uniforms (u = 0 takes the last real token, u -> 1 the first)."""
+    logits = torch.full((130, 1000), -50.0)
+    logits[:, [3, 500, 700]] = torch.tensor([-0.05, 0.0, -0.1])
+    u = torch.cat([torch.tensor([0.0, 1 - 2 ** -24]), torch.rand(128)])
+    for t in (0.1, 1.0):
+        for k, real in ((0, {3, 500, 700}), (2, {3, 500})):
+            tok = M.sample_next(logits, t, 1.0, k, u=u).tolist()
+            assert set(tok) <= real and tok[:2] == [max(real), min(real)]
+    tok = M.sample_next(logits, 1.0, 1.0, 0, u=u).tolist()  # all three drawn, by their mass
+    assert set(tok) == {3, 500, 700}
 
 def test_top_k_top_p_filter():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0]])

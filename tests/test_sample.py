@@ -52,7 +52,7 @@ def test_greedy_matches_transformers(tmp_path, tiny_vicuna):
 
 def reference_sample(model, prompt, u, temperature, top_k, top_p, eos):
     """One sample on its own: a full forward per token (no cache), sort-based top-k/top-p in float64 and
-    inverse-CDF sampling with the given uniform draws."""
+    inverse-CDF sampling with the given uniform draws (x = 1 - u of the mass, as sample_next)."""
     ids = list(prompt)
     for x in u:
         logits = model(torch.tensor([ids]))[-1].double() / temperature
@@ -62,7 +62,7 @@ def reference_sample(model, prompt, u, temperature, top_k, top_p, eos):
         probs /= probs.sum()
         probs[(probs.cumsum(-1) - probs) >= top_p] = 0
         probs = torch.zeros_like(probs).scatter(0, idx, probs)  # back to vocabulary order, as generate samples
-        t = int(torch.searchsorted(probs.cumsum(-1), float(x) * probs.sum(), right=True))
+        t = int(torch.searchsorted(probs.cumsum(-1), (1 - float(x)) * probs.sum(), right=True))
         if t in eos:
             break
         ids.append(t)
