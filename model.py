@@ -591,9 +591,9 @@ def float_weights(model, on=True):
     Not for two threads decoding with one model at once (the repo never does)."""
     tied = getattr(model, "lm_head", None) if model.cfg.tie_word_embeddings else None
     layers = [m for m in model.modules() if on and isinstance(m, Int8Linear) and m is not tied]
-    for m in layers:  # (a tied head has the float embedding)
-        m.dense = m.weight.to(model.dtype).mul_(m.scale.to(model.dtype)[:, None])
-    try:
+    try:  # (a tied head has the float embedding)
+        for m in layers:
+            m.dense = m.weight.to(model.dtype).mul_(m.scale.to(model.dtype)[:, None])
         yield
     finally:
         for m in layers:
@@ -706,10 +706,11 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
             k = min(V, 8 * k)
         probs.masked_fill_(probs < top.gather(-1, (before < top_p).sum(-1, keepdim=True) - 1), 0)
     # Inverse CDF: the first index whose cdf exceeds x, x in [2^-24, 1) of the total (1 - u, u in
-    # [0, 1)): never past the end, never a token of e^-80 mass (all of them sum to < 1e-29 of it)
+    # [0, 1)): never past the end, never a token of e^-80 mass (even 256k of them: 5e-30 of it)
     cdf = probs.cumsum_(-1)
     total = cdf[:, -1:]
-    x = torch.minimum((1 - u)[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    x = (1 - u.clamp(max=1 - 2 ** -24))[:, None] * total  # (CUDA's rand may give 1.0)
+    x = torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, x, right=True).squeeze(-1)
 
 def shares_prompt(n, compiled):

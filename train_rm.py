@@ -26,7 +26,7 @@ class Config(T.TrainConfig):
     lr: float = 1e-5  # peak learning rate
     margin: bool = False  # subtract a margin by preference strength (MARGINS) inside the loss
     center_coef: float = 0.0  # reward centering: + center_coef * (r_c + r_r)^2 a pair (e.g. 0.01)
-    skip_bad: bool = False  # skip bad pairs (identical, missing or empty responses), counted
+    skip_bad: bool = False  # skip bad pairs (identical or missing responses), counted
 
 def rm_loss(r_chosen, r_rejected, margin, center_coef=0.0):
     """The per-pair loss: Llama-2's ranking loss with a margin m (0, or set by the preference's
@@ -97,8 +97,6 @@ def conversation(rec, side, where):
         D.check_messages(resp)
     except ValueError as e:
         raise D.DataError(f"{where}: {side}: {e}") from None
-    if not resp[-1]["content"].strip():
-        raise D.DataError(f"{where}: empty {side} response")
     return [{"role": m["role"], "content": m["content"]} for m in resp]
 
 def parse_pairs(records, skip_bad=False):

@@ -187,7 +187,7 @@ def test_compiled_decode_equals_eager(monkeypatch, tmp_path, quantize):
             first = min([i for a, b in zip(sampled, eager[1]) for i in range(12) if a[i] != b[i]]
                         + [11])
             for a, b in zip(steps[:first + 1], eager[2]):
-                assert (a - b).abs().max() <= 0.02 * b.abs().max()
+                assert (a - b).abs().max() <= 0.05 * b.abs().max()  # broken: 0.12 and up
     finally:
         del model.compiled_step
         torch._dynamo.reset()

@@ -161,10 +161,12 @@ def test_formats_skips_and_bad_pairs(tmp_path, tiny_vicuna):
     assert skipped == {"tie": 3, "judge failed": 2}
     good = recs[0]
     bad = [{**good, "rejected": "yo"}, {k: v for k, v in good.items() if k != "chosen"},
-           {**good, "rejected": "  "},
            {**good, "messages": [user("hi"), asst("x")]}, {**good, "strength": "way better"}]
-    reasons = ["chosen and rejected are identical", "missing 'chosen'", "empty rejected response",
+    reasons = ["chosen and rejected are identical", "missing 'chosen'",
                "conversation must end with a user turn", "unknown strength 'way better'"]
+    # an empty reply is a reply (a policy that answered EOS at once; annotate.py judges it)
+    assert train_rm.parse_pairs([("f:1", {**good, "rejected": ""})])[0][0]["rejected"][-1] == \
+        asst("")
     path = write_jsonl(tmp_path / "bad.jsonl", [good] + bad)
     for i, reason in enumerate(reasons):
         with pytest.raises(D.DataError, match=rf"bad.jsonl:{i + 2}: {reason}"):
