@@ -234,8 +234,10 @@ class KVCache:
     def keep(self, rows):
         """Keep only these rows (ascending), compacted in place: copies only the filled part."""
         m, S = len(rows), self.used
-        self.k[:, :m, :, :S] = self.k[:, rows, :, :S]
-        self.v[:, :m, :, :S] = self.v[:, rows, :, :S]
+        for i in range(len(self.k)):  # a layer at a time: one temporary of the whole cache (the
+            # gather's) faulted in 100s of MB of fresh pages each time, 4x the copying itself
+            self.k[i, :m, :, :S] = self.k[i, rows, :, :S]
+            self.v[i, :m, :, :S] = self.v[i, rows, :, :S]
         self.k, self.v, self.lengths = self.k[:, :m], self.v[:, :m], self.lengths[rows]
         self.used = int(self.lengths.max())  # rows that leave may have been the longest
         if self.prefix is not None:  # prompts whose samples are all done leave too
@@ -676,20 +678,27 @@ def compiler_available():
 # -------------------------------------------------------------------------------------------------
 # Generation: batched, n samples per prompt share its prefill, finished rows leave the batch
 
-def sample_next(logits, temperature, top_p, top_k, generator=None, u=None):
+def sample_next(logits, temperature, top_p, top_k, generator=None, u=None, buf=None):
     """One token per row: argmax at temperature 0, else top-k then top-p (the smallest set of the
     most likely tokens whose mass reaches top_p) filtering and inverse-CDF sampling with one
     uniform draw per row (u [B], from generator when not given). torch.multinomial would draw an
-    exponential per vocab entry: on CPU more than a whole model step; a full sort, more still."""
+    exponential per vocab entry: on CPU more than a whole model step; a full sort, more still.
+    buf: fp32 scratch of at least [min(rows, 64), vocab] to work in (generate keeps one)."""
     if temperature <= 0:
         return logits.argmax(-1)
     if u is None:
         u = torch.rand(len(logits), generator=generator, device=logits.device)
-    if logits.is_cpu and len(logits) > 64:  # in blocks of rows: [512, 49k] fp32 temporaries took 3x
-        # as long (their fresh pages faulted in every step); a block's come from the heap again
-        return torch.cat([sample_next(logits[i:i + 64], temperature, top_p, top_k, u=u[i:i + 64])
-                          for i in range(0, len(logits), 64)])
-    probs = logits.to(torch.float32, copy=True).div_(temperature)  # in place from here on
+    if logits.is_cpu and len(logits) > 64:  # in blocks of rows, in one scratch: fresh [512, 49k]
+        # fp32 temporaries took 3x as long (their new pages faulted in every step)
+        if buf is None:
+            buf = logits.new_empty(64, logits.shape[-1], dtype=torch.float32)
+        return torch.cat([sample_next(logits[i:i + 64], temperature, top_p, top_k, u=u[i:i + 64],
+                                      buf=buf) for i in range(0, len(logits), 64)])
+    if buf is None or not logits.is_cpu:
+        probs = logits.to(torch.float32, copy=True)
+    else:
+        probs = buf[:len(logits)].copy_(logits)
+    probs = probs.div_(temperature)  # in place from here on
     V = probs.shape[-1]
     if top_k and top_k < V:
         probs.masked_fill_(probs < probs.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
@@ -820,12 +829,14 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
 
         settings = list(zip(temps, top_ps, top_ks))
 
+        buf = torch.empty(min(B, 64), cfg.vocab_size) if dev.type == "cpu" else None  # scratch
+
         def sample(logits, rows, u):  # rows sharing one setting are sampled together
             groups = {}
             for j, r in enumerate(rows):
                 groups.setdefault(settings[r // n], []).append(j)
             if len(groups) == 1:
-                return sample_next(logits, *settings[rows[0] // n], u=u)
+                return sample_next(logits, *settings[rows[0] // n], u=u, buf=buf)
             tok = torch.empty(len(rows), dtype=torch.long, device=dev)
             for s, js in groups.items():
                 j = torch.tensor(js, device=dev)

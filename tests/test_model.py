@@ -293,6 +293,9 @@ def test_sample_next_in_blocks_equals_row_by_row():
         whole = M.sample_next(logits, t, p, k, u=u)
         assert whole.tolist() == [int(M.sample_next(logits[i:i + 1], t, p, k, u=u[i:i + 1]))
                                   for i in range(150)]
+        buf = torch.full((64, 40), float("nan"))  # generate's scratch: the same tokens
+        assert torch.equal(M.sample_next(logits, t, p, k, u=u, buf=buf), whole)
+        assert torch.equal(M.sample_next(logits[:9], t, p, k, u=u[:9], buf=buf), whole[:9])
     a = M.sample_next(logits, 0.7, 1.0, 0, torch.Generator().manual_seed(3))
     u = torch.rand(150, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, M.sample_next(logits, 0.7, 1.0, 0, u=u))
