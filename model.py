@@ -694,7 +694,7 @@ def sample_next(logits, temperature, top_p, top_k, generator=None, u=None, buf=N
             buf = logits.new_empty(64, logits.shape[-1], dtype=torch.float32)
         return torch.cat([sample_next(logits[i:i + 64], temperature, top_p, top_k, u=u[i:i + 64],
                                       buf=buf) for i in range(0, len(logits), 64)])
-    if buf is None or not logits.is_cpu:
+    if buf is None or not logits.is_cpu or buf.dtype != torch.float32:
         probs = logits.to(torch.float32, copy=True)
     else:
         probs = buf[:len(logits)].copy_(logits)
@@ -829,7 +829,8 @@ def generate(model, prompts, n=1, max_new_tokens=256, temperature=0.7, top_p=1.0
 
         settings = list(zip(temps, top_ps, top_ks))
 
-        buf = torch.empty(min(B, 64), cfg.vocab_size) if dev.type == "cpu" else None  # scratch
+        buf = torch.empty(min(B, 64), cfg.vocab_size, dtype=torch.float32, device=dev) \
+            if dev.type == "cpu" else None  # sample_next's scratch
 
         def sample(logits, rows, u):  # rows sharing one setting are sampled together
             groups = {}
