@@ -398,11 +398,11 @@ class Llama(nn.Module):
         return super().train(mode)
 
     def logits(self, x, cache=None):
-        head, tied = getattr(self, "lm_head", None), self.cfg.tie_word_embeddings
-        if isinstance(head, Int8Linear):  # int8 kernels for decoding's few rows; with many, a
-            if x.numel() <= Int8Linear.few * x.shape[-1] or not (tied or head.dense is not None):
-                return head(x)  # tied head takes the float embedding (no 49k-row dequant)
-        w = head.dense if isinstance(head, Int8Linear) and not tied else self.head_weight()
+        head, w = getattr(self, "lm_head", None), self.head_weight()
+        if isinstance(head, Int8Linear):  # many rows: a tied head takes the float embedding (no
+            w = w if self.cfg.tie_word_embeddings else head.dense  # 49k-row dequantization)
+            if x.numel() <= Int8Linear.few * x.shape[-1] or w is None:
+                return head(x)  # int8 kernels for decoding's few rows, or dequantized
         if cache is None or not x.is_cpu or len(x) <= Int8Linear.few or \
                 torch.is_grad_enabled():  # (autograd refuses out=)
             return F.linear(x, w)
