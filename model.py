@@ -399,8 +399,8 @@ class Llama(nn.Module):
 
     def logits(self, x, cache=None):
         head, w = getattr(self, "lm_head", None), self.head_weight()
-        if isinstance(head, Int8Linear):  # many rows: a tied head takes the float embedding (no
-            w = w if self.cfg.tie_word_embeddings else head.dense  # 49k-row dequantization)
+        if isinstance(head, Int8Linear):  # many rows: a tied head's float weights are the
+            w = w if self.cfg.tie_word_embeddings else head.dense  # embedding (no dequantization)
             if x.numel() <= Int8Linear.few * x.shape[-1] or w is None:
                 return head(x)  # int8 kernels for decoding's few rows, or dequantized
         if cache is None or not x.is_cpu or len(x) <= Int8Linear.few or \
